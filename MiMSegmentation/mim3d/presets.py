@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 from .errors import BadInputError
 
 
-class AlignForm(str, Enum):
+class AlignForm(StrEnum):
     """Cross-level alignment loss (MIM_METHOD §6.6)."""
 
     CE = "ce"  # softmax cross-entropy over the parent's regions, true source region positive (Variant A)
@@ -23,7 +23,7 @@ class AlignForm(str, Enum):
     OFF = "off"
 
 
-class Level1Grouping(str, Enum):
+class Level1Grouping(StrEnum):
     """How level-1 tokens form the 8 masking groups (MIM_METHOD §4.4)."""
 
     OCTANT = "octant"  # 8 octant blocks of the token grid: the masked groups are exactly the level-2 crops
@@ -92,7 +92,7 @@ class ViTMIMConfig:
 
     in_channels: int = 1
     input_size: int = 96
-    patch_size: int = 16
+    patch_size: int = 16  # UNETR fine-tuning needs 16 and 12 layers: MONAI fixes both
     hidden_size: int = 768  # ViT-B
     mlp_dim: int = 3072
     num_layers: int = 12
@@ -135,17 +135,13 @@ class MiMUNETRConfig:
 class UNETRConfig:
     """MONAI UNETR for ViT encoders pre-trained with MAE or SimMIM (MIM_METHOD §14.2)."""
 
-    patch_size: int = 16
-    hidden_size: int = 768
+    hidden_size: int = 768  # MONAI UNETR always builds 12 layers with 16³ patches
     mlp_dim: int = 3072
-    num_layers: int = 12  # MONAI UNETR taps blocks 3, 6 and 9, so at least 10
     num_heads: int = 12
     feature_size: int = 16
 
     def validate(self, roi_size: tuple[int, int, int]) -> None:
         _check_heads("hidden_size", self.hidden_size, self.num_heads)
-        if self.num_layers < 10:
-            raise BadInputError(f"num_layers: {self.num_layers}; MONAI UNETR reads blocks 3, 6 and 9, so it needs 10+")
         _check_roi(roi_size)
 
 
@@ -172,7 +168,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     "unetr": {
         "base": UNETRConfig(),
-        "small": UNETRConfig(feature_size=8, **_SMALL_VIT),
+        "small": UNETRConfig(feature_size=8, hidden_size=192, mlp_dim=768, num_heads=6),
     },
 }
 

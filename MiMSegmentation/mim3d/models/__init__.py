@@ -50,7 +50,8 @@ def build_segmenter(arch: str, num_classes: int, preset: str = "base", roi_size=
         roi_size: window size, each a multiple of 16; positional embeddings are interpolated to it on loading.
     """
     if arch not in SEGMENTATION_ARCHS:
-        raise BadInputError(f"unknown segmentation architecture '{arch}'; choose one of {', '.join(SEGMENTATION_ARCHS)}")
+        choices = ", ".join(SEGMENTATION_ARCHS)
+        raise BadInputError(f"unknown segmentation architecture '{arch}'; choose one of {choices}")
     if num_classes < 2:
         raise BadInputError(f"num_classes: {num_classes}; a segmenter needs background plus at least one label")
     config = resolve(arch, preset, **overrides)

@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..presets import AlignForm, Level1Grouping, MiMConfig
-from .layers import Block, HybridEncoder, Mlp, gather_tokens, patchify, random_masking, sincos_pos_embed
+from .layers import (
+    Block,
+    HybridEncoder,
+    Mlp,
+    gather_tokens,
+    patch_columns,
+    patch_conv,
+    patchify,
+    random_masking,
+    sincos_pos_embed,
+)
 
 PATCH = 16  # effective patch size: four stride-2 stages
 
@@ -106,8 +116,9 @@ class MiMPretrainer(HybridEncoder):
     def forward_encoder(self, volume: Tensor, mask: Tensor, ids_keep: Tensor) -> Tensor:
         """(B, C, s, s, s), mask (B, L), ids_keep (B, K) -> visible-token latents (B, K, C4) after fusion and norm."""
         features, tokens = self.conv_stages(volume, mask)
-        fused = [gather_tokens(_tokens_of(conv, f), ids_keep) for conv, f in zip(
-            (self.stage1_output_decode, self.stage2_output_decode, self.stage3_output_decode), features, strict=True)]
+        fusions = (self.stage1_output_decode, self.stage2_output_decode, self.stage3_output_decode)
+        fused = [patch_conv(gather_tokens(patch_columns(f, conv.kernel_size[0]).flatten(1, 3), ids_keep), conv)
+                 for conv, f in zip(fusions, features, strict=True)]  # only at visible tokens: (B, K, C4) each
         x = gather_tokens(tokens, ids_keep)
         for block in self.blocks4:
             x = block(x)
@@ -144,9 +155,9 @@ class MiMPretrainer(HybridEncoder):
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Every random draw of one step, uniform in [0, 1), made on the CPU so results match across devices."""
         c, n = self.config, self.num_tokens
-        shapes = {"level1_groups": (batch, 8), "level2_select": (batch, 8), "level2_tokens": (batch * c.level2_count, n),
-                  "level3_select": (batch * c.level2_count, n),
-                  "level3_tokens": (batch * c.level2_count * c.level3_count, n)}
+        n2 = batch * c.level2_count
+        shapes = {"level1_groups": (batch, 8), "level2_select": (batch, 8), "level2_tokens": (n2, n),
+                  "level3_select": (n2, n), "level3_tokens": (n2 * c.level3_count, n)}
         return {k: torch.rand(s, generator=generator) for k, s in shapes.items()}
 
     def forward_levels(self, crop: Tensor, noise: dict[str, Tensor]) -> Levels:
@@ -170,7 +181,7 @@ class MiMPretrainer(HybridEncoder):
         level3 = self.level_pass(level3_volume, noise["level3_tokens"], int(n * (1 - c.level3_mask_ratio)))
         return Levels(level1, level2, level3, groups, tokens)
 
-    # ---- cross-level alignment (§6) and total objective (§7) -----------------------------------------------------------
+    # ---- cross-level alignment (§6) and total objective (§7) ---------------------------------------------------------
 
     def alignment_loss(self, child: Tensor, parents: Tensor, target: Tensor) -> Tensor:
         """child (M, K, C) projected child embeddings; parents (M, R, C) stop-gradient region embeddings; target (M, K)
@@ -216,15 +227,11 @@ class MiMPretrainer(HybridEncoder):
         """crop (B, C, 2s, 2s, 2s) in [0, 1] -> {"loss", "reconstruction_level1..3", "alignment_level1_2", "..2_3"}."""
         expected = (self.config.in_channels,) + (self.config.crop_size,) * 3
         if crop.ndim != 5 or tuple(crop.shape[1:]) != expected:
-            raise ValueError(f"MiM expects crops of shape (B, {', '.join(map(str, expected))}), got {tuple(crop.shape)}")
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"MiM expects crops of shape (B, {shape}), got {tuple(crop.shape)}")
         if noise is None:
             noise = self.draw_noise(crop.shape[0], generator)
         return self.objective(self.forward_levels(crop, noise))
-
-
-def _tokens_of(conv: nn.Conv3d, features: Tensor) -> Tensor:
-    """Channels-last stage features -> (B, L, C4) through a non-overlapping fusion conv."""
-    return conv(features.permute(0, 4, 1, 2, 3)).flatten(2).transpose(1, 2)
 
 
 def _level1_groups(grid: tuple[int, int, int], grouping: Level1Grouping) -> Tensor:
