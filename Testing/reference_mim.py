@@ -10,6 +10,7 @@ optimised encoder; bench/bench_pretrain.py uses it as the same-process speed ref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from mim3d.models.layers import Block, CBlock3d, PatchEmbed3d, gather_tokens
 from mim3d.models.mim import MiMPretrainer
@@ -57,7 +58,10 @@ class ReferenceMiM(MiMPretrainer):
             x = patch_embed(embed, x)
             visible = 1 - official_mask_upsampling(mask, g, factor)
             for block in blocks:
-                x = cblock(block, x, visible)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(cblock, block, x, visible, use_reentrant=False)
+                else:
+                    x = cblock(block, x, visible)
             stage_tokens.append(fusion(x).flatten(2).permute(0, 2, 1))
         x = patch_embed(self.patch_embed4, x).flatten(2).permute(0, 2, 1)
         x = self.patch_embed5(x) + self.pos_embed

@@ -293,3 +293,18 @@ def test_small_model_overfits_one_real_ct_crop(example_ct_path):
     # Per-patch normalised CT noise is unpredictable, so reconstruction plateaus well above zero (about 0.8 per level).
     assert losses[-1] < 0.8 * losses[0], losses
     assert reconstruction[-1] < 0.9 * reconstruction[0], reconstruction
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = build_pretrainer("mim", "small", **FEW_LEVELS)
+    recomputed = build_pretrainer("mim", "small", activation_checkpointing=True, **FEW_LEVELS)
+    recomputed.load_state_dict(plain.state_dict())
+    crop, noise = torch.rand(1, 1, 128, 128, 128), plain.draw_noise(1, seeded(9))
+    losses = [model(crop, noise=noise)["loss"] for model in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(plain.parameters(), recomputed.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -55,6 +55,7 @@ class MiMConfig:
     alignment_weights: tuple[float, float] = (0.1, 0.1)  # levels 1↔2, 2↔3; HEAD pretrain.sh (§6.4)
     alignment_l2_normalize: bool = False  # Variant A uses raw dot products
     alignment_temperature: float = 1.0  # no temperature in any official variant
+    activation_checkpointing: bool = False  # recompute conv-block activations in backward: `base` on a CPU needs it
 
     @property
     def crop_size(self) -> int:

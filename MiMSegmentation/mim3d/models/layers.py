@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Grid = tuple[int, int, int]
 
@@ -101,14 +102,21 @@ class _DepthwiseConv3d(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         pad, groups = weight.shape[-1] // 2, weight.shape[0]
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
+        # Under autocast the activations may be bfloat16 while the parameters stay float32: compute in the
+        # activations' dtype and return parameter gradients in the parameters' dtype.
+        grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
+        w = weight.to(x.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv3d(grad_out, weight.flip(2, 3, 4), padding=pad, groups=groups)
+            grad_x = F.conv3d(grad_out, w.flip(2, 3, 4), padding=pad, groups=groups)
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, [weight.shape[0]], [1, 1, 1], [pad] * 3, [1, 1, 1], False, [0, 0, 0], groups,
+            grad_out, x, w, [weight.shape[0]], [1, 1, 1], [pad] * 3, [1, 1, 1], False, [0, 0, 0], groups,
             [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
-        return grad_x, grad_w, grad_b
+        return grad_x, _as(grad_w, weight.dtype), _as(grad_b, weight.dtype)
+
+
+def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
 def depthwise_conv3d(x: Tensor, conv: nn.Conv3d) -> Tensor:
@@ -275,6 +283,7 @@ class HybridEncoder(nn.Module):
                  relative_position_bias: bool = False, learnable_pos_embed: bool = False):
         super().__init__()
         self.grid = tuple(grid)
+        self.activation_checkpointing = False  # set by owners: recompute conv blocks in backward to save memory
         c1, c2, c3, c4 = embed_dims
         self.patch_embed1 = PatchEmbed3d(in_channels, c1)
         self.patch_embed2 = PatchEmbed3d(c1, c2)
@@ -309,7 +318,10 @@ class HybridEncoder(nn.Module):
             x = embed(x)
             visible = None if mask is None else visible_voxels(mask, self.grid, 8 >> stage).to(x.dtype)
             for block in blocks:
-                x = block(x, visible)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, visible, use_reentrant=False)
+                else:
+                    x = block(x, visible)
             features.append(x)
         tokens = self.patch_embed4(x).flatten(1, 3)  # (B, L, C4), H·W·D raster order
         return features, self.patch_embed5(tokens) + self.pos_embed

@@ -70,6 +70,7 @@ class MiMPretrainer(HybridEncoder):
         super().__init__(config.in_channels, (g, g, g), config.embed_dims, config.depths, config.num_heads,
                          config.mlp_ratio)
         self.config = config
+        self.activation_checkpointing = config.activation_checkpointing
         c1, c2, c3, c4 = config.embed_dims
         dd = config.decoder_dim
         # ---- encoder additions for pre-training: multi-scale fusion and final norm (§2.4) ----
