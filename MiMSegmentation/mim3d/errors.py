@@ -7,3 +7,7 @@ field, what was found, and what was expected.
 
 class BadInputError(ValueError):
     """User input that cannot be used as given; the message says which input and why."""
+
+
+class Cancelled(Exception):
+    """The user asked the worker to stop (SIGTERM, SIGINT or a STOP file) and it stopped cleanly."""
