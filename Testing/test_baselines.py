@@ -182,3 +182,17 @@ def test_loss_falls_over_fifteen_adam_steps_on_a_fixed_volume(method):
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+
+
+def test_attention_runs_through_sdpa_with_the_same_result_as_monai_explicit_softmax():
+    from monai.networks.blocks.selfattention import SABlock
+
+    net = build_segmenter("unetr", num_classes=3, preset="small", roi_size=(SMALL,) * 3).eval()
+    blocks = [m for m in net.modules() if isinstance(m, SABlock)]
+    assert blocks and all(b.use_flash_attention for b in blocks)
+    x = torch.rand(1, 1, SMALL, SMALL, SMALL)
+    with torch.no_grad():
+        fast = net(x)
+        for b in blocks:
+            b.use_flash_attention = False
+        torch.testing.assert_close(fast, net(x), rtol=1e-4, atol=1e-4)

@@ -300,6 +300,16 @@ class HybridEncoder(nn.Module):
             Block(c4, num_heads, mlp_ratio, r, layer_scale_init, self.grid if relative_position_bias else None)
             for r in stage_rates[3]])
 
+    @staticmethod
+    def _checkpointed(block: CBlock3d, x: Tensor, visible: Tensor | None, volumes_per_chunk: int = 2) -> Tensor:
+        """Run a conv block whose activations are recomputed in backward, a few volumes at a time: blocks act on
+        each volume independently, and recomputing all 16 level-3 volumes of `base` at once would need ~12 GB."""
+        if not torch.is_grad_enabled():
+            return block(x, visible)
+        chunks = x.split(volumes_per_chunk)
+        masks = visible.split(volumes_per_chunk) if visible is not None else [None] * len(chunks)
+        return torch.cat([checkpoint(block, c, m, use_reentrant=False) for c, m in zip(chunks, masks, strict=True)])
+
     def conv_stages(self, volume: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """Conv stages and token embedding.
 
@@ -318,10 +328,18 @@ class HybridEncoder(nn.Module):
             x = embed(x)
             visible = None if mask is None else visible_voxels(mask, self.grid, 8 >> stage).to(x.dtype)
             for block in blocks:
-                if self.activation_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(block, x, visible, use_reentrant=False)
-                else:
-                    x = block(x, visible)
+                x = self._checkpointed(block, x, visible) if self.activation_checkpointing else block(x, visible)
             features.append(x)
         tokens = self.patch_embed4(x).flatten(1, 3)  # (B, L, C4), H·W·D raster order
         return features, self.patch_embed5(tokens) + self.pos_embed
+
+
+def use_sdpa(module: nn.Module) -> nn.Module:
+    """Switch every MONAI self-attention block in `module` to `scaled_dot_product_attention` (MONAI's ViT and UNETR
+    do not expose the option; the weights and the maths are the same)."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    for block in module.modules():
+        if isinstance(block, SABlock):
+            block.use_flash_attention = True
+    return module

@@ -21,12 +21,12 @@ from monai.networks.nets import ViT
 from torch import Tensor, nn
 
 from ..presets import ViTMIMConfig
-from .layers import gather_tokens, patchify, random_masking
+from .layers import gather_tokens, patchify, random_masking, use_sdpa
 
 
 def build_vit(config: ViTMIMConfig) -> ViT:
     """The encoder with the arguments MONAI `UNETR.__init__` gives its `vit` (qkv without bias, learned positions)."""
-    return ViT(
+    return use_sdpa(ViT(
         in_channels=config.in_channels,
         img_size=(config.input_size,) * 3,
         patch_size=(config.patch_size,) * 3,
@@ -41,7 +41,7 @@ def build_vit(config: ViTMIMConfig) -> ViT:
         spatial_dims=3,
         qkv_bias=False,
         save_attn=False,
-    )
+    ))
 
 
 def masked_l1_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -128,7 +128,8 @@ class MAEPretrainer(ViTPretrainer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dd))
         self.decoder_blocks = nn.ModuleList(
-            [TransformerBlock(dd, 4 * dd, config.decoder_heads) for _ in range(config.decoder_depth)]
+            [TransformerBlock(dd, 4 * dd, config.decoder_heads, use_flash_attention=True)
+             for _ in range(config.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(dd)
         self.decoder_pred = nn.Linear(dd, config.patch_size**3 * config.in_channels)

@@ -8,11 +8,12 @@ from __future__ import annotations
 from monai.networks.nets import UNETR
 
 from ..presets import UNETRConfig
+from .layers import use_sdpa
 
 
 def build_unetr(config: UNETRConfig, num_classes: int, roi_size: tuple[int, int, int], in_channels: int) -> UNETR:
     """UNETR-base as MIM-Med3D fine-tunes it: instance norm, residual blocks, perceptron patch embedding, no dropout."""
-    return UNETR(
+    return use_sdpa(UNETR(
         in_channels=in_channels,
         out_channels=num_classes,
         img_size=roi_size,
@@ -24,4 +25,4 @@ def build_unetr(config: UNETRConfig, num_classes: int, roi_size: tuple[int, int,
         norm_name="instance",
         res_block=True,
         dropout_rate=0.0,
-    )
+    ))
