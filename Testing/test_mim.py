@@ -64,6 +64,8 @@ def test_unknown_option_and_invalid_ratio_are_refused_by_name():
         build_pretrainer("mim", "small", level1_mask_ratio=0.3)
     with pytest.raises(BadInputError, match="Valid: byol, ce, off"):
         build_pretrainer("mim", "small", alignment_form="infonce")
+    with pytest.raises(BadInputError, match=r"embed_dims\[3\]: 64 must be divisible by 6"):
+        build_pretrainer("mim", "small", embed_dims=(8, 16, 32, 64), num_heads=4)
 
 
 def test_patchify_orders_tokens_h_w_d_with_d_fastest_and_inverts():

@@ -69,6 +69,10 @@ class MiMConfig:
             raise BadInputError(f"input_size: {self.input_size} gives an odd token grid {grid}; level-1 octant "
                                 "blocks need an even grid (input_size a multiple of 32)")
         _check_heads("decoder_dim", self.decoder_dim, self.decoder_heads)
+        for name, dim in (("embed_dims[3]", self.embed_dims[3]), ("decoder_dim", self.decoder_dim)):
+            if dim % 6:
+                raise BadInputError(f"{name}: {dim} must be divisible by 6 (3D sin-cos positions: a sine and a cosine "
+                                    "per axis)")
         masked_groups = self.level1_mask_ratio * 8
         if masked_groups != int(masked_groups) or not 0 < masked_groups < 8:
             raise BadInputError(f"level1_mask_ratio: {self.level1_mask_ratio} must mask a whole number of the 8 "

@@ -5,7 +5,9 @@ Events:
     {"type": "metric", "step": 120, "epoch": 3, "values": {"loss": 0.71}}
     {"type": "result", ...anything the command returns...}
     {"type": "error", "kind": "bad_input" | "internal" | "cancelled", "message": "..."}
-Exit codes: 0 success, 1 internal error, 2 bad input, 130 cancelled (SIGTERM/SIGINT or a STOP request).
+Exit codes: 0 success, 1 internal error, 2 bad input, 130 cancelled (SIGTERM/SIGINT ended the command early with no
+output). A training run that is stopped (SIGTERM or a STOP file) saves a checkpoint and exits 0 with a result event
+whose "state" is "stopped": stopping is a normal end of a run that can be resumed.
 Human-readable logs go to stderr; stdout carries only these lines.
 """
 

@@ -116,7 +116,8 @@ class _DepthwiseConv3d(torch.autograd.Function):
 
 
 def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
+    """In the parameter's dtype and plain contiguous layout (DDP's gradient buckets expect the parameter's strides)."""
+    return None if tensor is None else tensor.to(dtype).contiguous()
 
 
 def depthwise_conv3d(x: Tensor, conv: nn.Conv3d) -> Tensor:

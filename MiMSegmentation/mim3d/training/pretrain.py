@@ -1,0 +1,247 @@
+"""Self-supervised pre-training (MiM, MAE or SimMIM) on folders of scans, as a run folder (mim3d.runs).
+
+    mim3d pretrain --data /scans --out runs/mim-1 --preset small --epochs 100          # CPU or one GPU
+    mim3d pretrain --resume runs/mim-1                                                  # continue after a stop or kill
+    torchrun --nproc_per_node 4 -m mim3d pretrain --data /scans --out runs/mim-2        # 4 GPUs: batch is per process
+    mim3d pretrain --data /scans --out runs/mim-3 --init checkpoint-final.pth          # continue the official weights
+
+Learning rate (MIM_METHOD §8.3): lr = base lr × effective batch / 256, effective batch = batch × accum × processes,
+unless --lr gives it directly. The official scripts also multiply by their unused sw_batch_size 4 (§12.6), so their
+runs correspond to --blr 4e-4 here. Stop with SIGTERM, Ctrl-C or `touch RUN_DIR/STOP`: the step in progress finishes,
+checkpoints/last.pt is saved, the run ends "stopped" (exit 0), and --resume continues it exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__
+from ..data import Discovery, discover_volumes, pretraining_dataset
+from ..errors import BadInputError
+from ..models import build_pretrainer, load_pretrained
+from ..models.checkpoints import read_checkpoint
+from ..presets import config_to_dict
+from ..protocol import Emitter
+from ..runs import RunDir, now_iso, write_json_atomic
+from ..runtime import keep_freed_memory
+from . import distributed, engine, options
+from .distributed import Sharding, World, derive_seed, unwrap
+from .run_writer import RunWriter, StopController
+
+log = logging.getLogger("mim3d.training")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add_arguments(parser)
+
+
+def run(args: argparse.Namespace, emitter: Emitter) -> None:
+    world = distributed.world_from_env()
+    if not world.is_main:  # one voice, rank 0's: protocol events and the human log (warnings still show)
+        emitter = Emitter(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
+        logging.getLogger().setLevel(logging.WARNING)
+    setup = prepare(args, world, emitter)
+    distributed.init_process_group(world, setup.device)  # all processes have validated everything: now write
+    try:
+        train(setup, emitter)
+    finally:
+        distributed.shutdown(world)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before anything is written."""
+
+    opts: dict  # the resolved options (config.json "options")
+    resume: RunDir | None
+    world: World
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    discovery: Discovery
+    model: nn.Module
+    dataset: Dataset
+    sharding: Sharding
+    plan: dict  # config.json "optimization"
+
+    @property
+    def run_dir(self) -> RunDir:
+        return self.resume or RunDir(self.opts["out"])
+
+
+# ---- before anything is written -------------------------------------------------------------------------------------
+
+def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
+    """Check every input and build the model and data. Raises BadInputError, naming the input, on any problem."""
+    opts, resume = options.resolve(args)
+    device = distributed.select_device(opts["device"], world)
+    discovery = _discover(opts["data"], emitter, world)
+    model = _build_model(opts, device)
+    sharding = Sharding(len(discovery.volumes), opts["batch_size"], opts["accum"], world, opts["seed"])
+    plan = options.optimisation_plan(opts, sharding)
+    if resume is None:
+        options.check_new_run_folder(Path(opts["out"]))
+        if opts["init"]:
+            log.info("--init: %s", load_pretrained(model, opts["init"]).summary())
+    else:
+        options.check_resume_matches(resume, discovery, plan)
+    precision, note = engine.choose_precision(device, opts["amp"])
+    if note:
+        log.warning(note)
+    log.info("%s", plan["lr_note"])
+    crop_size = getattr(model.config, "crop_size", model.config.input_size)  # MiM: 2 × input_size (§4.1)
+    dataset = pretraining_dataset(discovery.volumes, crop_size, Path(opts["cache"]), seed=opts["seed"])
+    return Setup(opts, resume, world, device, precision, discovery, model, dataset, sharding, plan)
+
+
+def _discover(folders: list[str], emitter: Emitter, world: World) -> Discovery:
+    discovery = discover_volumes(folders)
+    if world.is_main:
+        print(discovery.describe(), file=sys.stderr, flush=True)
+    summary = discovery.summary()
+    emitter.progress("data", 1.0, f"{summary['count']} volumes, {len(summary['skipped'])} skipped")
+    return discovery
+
+
+def _build_model(opts: dict, device: torch.device) -> nn.Module:
+    overrides = dict(opts["override"])
+    if (opts["method"] == "mim" and opts["preset"] == "base" and device.type == "cpu"
+            and "activation_checkpointing" not in overrides):
+        overrides["activation_checkpointing"] = True  # the base preset's activations do not fit a CPU's memory
+        log.info("activation checkpointing on (MiM base preset on the CPU; same results, less memory)")
+    torch.manual_seed(derive_seed(opts["seed"], "init"))  # the same initial weights in every process
+    return build_pretrainer(opts["method"], opts["preset"], **overrides)
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+def train(s: Setup, emitter: Emitter) -> None:
+    """Write the run folder and train; a stop request ends it "stopped" (no exception), anything else "failed"."""
+    run_dir, created, existed = s.run_dir, s.resume is None, s.run_dir.path.exists()
+    if created and s.world.is_main:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir.config, _config_json(s))
+    writer = RunWriter(run_dir, active=s.world.is_main, emitter=emitter, command="pretrain", epochs=s.opts["epochs"],
+                       steps_per_epoch=s.plan["steps_per_epoch"], total_steps=s.plan["total_steps"],
+                       log_every=s.opts["log_every"])
+    stop = StopController(run_dir.stop_file if s.world.is_main else None)
+    if s.device.type == "cpu":
+        keep_freed_memory()  # steps reuse the same large buffers (mim3d.runtime)
+    try:
+        trainer = _trainer(s, writer, stop)
+        if s.resume:
+            engine.restore(trainer, read_checkpoint(run_dir.checkpoint("last"))[1])
+        writer.open(trainer.step, preamble=_preamble(s, trainer.step))
+        writer.set_state("starting", f"step {trainer.step} of {s.plan['total_steps']}")
+        batches = functools.partial(_epoch_batches, s.dataset, s.sharding, s.opts["workers"], s.device)
+        meta = {"method": s.opts["method"], "config": config_to_dict(s.model.config), "run": s.opts}
+        state = engine.fit(trainer, batches, steps_per_epoch=s.plan["steps_per_epoch"], epochs=s.opts["epochs"],
+                           checkpoint_every=s.opts["checkpoint_every"], checkpoint_meta=meta)
+        distributed.barrier(s.world)
+    except BadInputError:
+        writer.close()
+        if created and s.world.is_main and not run_dir.checkpoint("last").exists():
+            _remove_run(run_dir.path, keep_folder=existed)  # bad input leaves no half-made run behind
+        raise
+    except BaseException as e:
+        writer.set_state("failed", f"{type(e).__name__}: {e}".rstrip(": "))
+        writer.close()
+        raise
+    finally:
+        stop.close()
+    _finish(writer, trainer, state, s.plan, emitter)
+
+
+def _trainer(s: Setup, writer: RunWriter, stop: StopController) -> engine.Trainer:
+    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
+    optimizer = torch.optim.AdamW(engine.param_groups(s.model, s.opts["weight_decay"]), lr=s.plan["lr"],
+                                  betas=engine.ADAMW_BETAS)
+    schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts["min_lr"],
+                                 warmup_steps=s.plan["warmup_steps"], total_steps=s.plan["scheduled_steps"])
+    loss_fn = functools.partial(_loss, seed=s.opts["seed"], device=s.device)
+    return engine.Trainer(model, optimizer, loss_fn, schedule, s.device, s.precision, s.opts["accum"], s.world, stop,
+                          writer, s.plan["total_steps"], s.sharding.global_batch)
+
+
+def _remove_run(path: Path, keep_folder: bool) -> None:
+    """Delete what this process wrote; an empty --out folder the user made stays."""
+    for child in path.iterdir() if keep_folder else [path]:
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _finish(writer: RunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:
+    if state == "stopped":
+        message = f"stopped at step {trainer.step} ({trainer.stop.reason}); continue with --resume"
+    elif plan["total_steps"] < plan["scheduled_steps"]:
+        message = f"reached --max-steps {plan['total_steps']} of the {plan['scheduled_steps']} scheduled steps"
+    else:
+        message = f"all {plan['scheduled_steps']} steps done"
+    writer.set_state(state, message, eta_seconds=0.0 if state == "finished" else None)
+    writer.close()
+    emitter.result(state=state, run_dir=str(writer.run.path), step=trainer.step, total_steps=plan["total_steps"],
+                   epoch=writer.status["epoch"], loss=writer.status["loss"],
+                   last_checkpoint=writer.status["last_checkpoint"], message=message)
+
+
+def _loss(model, batch, epoch: int, *, seed: int, device: torch.device) -> dict:
+    """The pre-training loss of one micro-batch. Each volume's masks are drawn from (seed, epoch, its position in the
+    epoch), so they do not depend on how the global batch is split over processes and micro-batches."""
+    crops, positions = batch
+    draws = [unwrap(model).draw_noise(1, torch.Generator().manual_seed(derive_seed(seed, "noise", epoch, p)))
+             for p in positions]
+    noise = {name: torch.cat([draw[name] for draw in draws]) for name in draws[0]}  # sample-major, as draw_noise(B)
+    return model(crops.to(device, non_blocking=True), noise=noise)
+
+
+def _epoch_batches(dataset, sharding: Sharding, workers: int, device: torch.device, epoch: int, first_step: int):
+    """(crops (B, 1, S, S, S), their epoch positions) for this rank, from optimiser step `first_step` of `epoch`."""
+    dataset.set_epoch(epoch)  # before the loader starts, so its workers see the epoch's crops
+    positions = sharding.positions(first_step)
+    loader = DataLoader(dataset, batch_size=sharding.batch, sampler=sharding.indices(epoch, first_step),
+                        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+    replaced = dataset.skipped
+    for m, crops in enumerate(loader):
+        yield crops, positions[m * sharding.batch:(m + 1) * sharding.batch]
+    if dataset.skipped > replaced:
+        log.warning("epoch %d: %d unreadable volumes were replaced by the next readable ones (%d in all)", epoch + 1,
+                    dataset.skipped - replaced, dataset.skipped)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: loader workers must not die of it while the step finishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _config_json(s: Setup) -> dict:
+    return {"command": "pretrain", "created": now_iso(),
+            "versions": {"mim3d": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "options": s.opts,
+            "model": {"method": s.opts["method"], "preset": s.opts["preset"],
+                      "config": config_to_dict(s.model.config)},
+            "data": {"folders": s.opts["data"], "summary": s.discovery.summary(),
+                     "volumes": [options.volume_key(v) for v in s.discovery.volumes]},
+            "optimization": s.plan,
+            "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
+
+
+def _preamble(s: Setup, step: int) -> str:
+    """What log.txt starts each process's section with (stderr has shown it already)."""
+    action = f"resuming at step {step}" if s.resume else "new run"
+    return (f"==== mim3d pretrain {s.opts['method']} ({s.opts['preset']}): {action}, {now_iso()}\n"
+            f"{s.discovery.describe()}\n{s.plan['lr_note']}\nprecision {s.precision}, {s.plan['steps_per_epoch']} "
+            f"steps per epoch, {s.plan['total_steps']} steps to run in all\n")
