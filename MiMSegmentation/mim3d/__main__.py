@@ -17,6 +17,10 @@ from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, Em
 
 COMMANDS = {
     "pretrain": ("mim3d.training.pretrain", "self-supervised pre-training (MiM, MAE, SimMIM) on folders of scans"),
+    "finetune": ("mim3d.training.finetune", "fine-tune a segmenter on labelled cases; ends with a model package"),
+    "segment": ("mim3d.inference.segment", "segment CT volumes with a model package (labels on the input grid)"),
+    "models": ("mim3d.registry_cli", "list, show, import, download, verify and delete model packages"),
+    "demo": ("mim3d.demo", "the whole loop on the example CT: pre-train, fine-tune, segment an unseen scan, report"),
 }
 
 
