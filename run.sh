@@ -60,6 +60,8 @@ bootstrap() {
     fi
     echo "$stamp" >"$STAMP"
   fi
+  # Native libraries loaded by the tests (VTK, ITK) can reset the C locale to ASCII mid-run; keep text I/O UTF-8.
+  export PYTHONUTF8=1
   export VIRTUAL_ENV="$PWD/$VENV"
   export PATH="$VIRTUAL_ENV/bin:$PATH"
   python -m mim3d.example_data fetch >/dev/null </dev/null

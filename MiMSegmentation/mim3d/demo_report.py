@@ -37,8 +37,8 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
                   ["overlay_axial.png", "overlay_coronal.png"], "training_plot": "training.png"},
         "caveat": "One training case and one test case; the reference labels are TotalSegmentator's predictions.",
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(_markdown(report))
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     return report
 
 

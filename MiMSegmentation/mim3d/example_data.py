@@ -89,7 +89,7 @@ def install_sdist(sdist: Path, cache_dir: Path) -> Path:
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {"source": REQUIREMENT, "sdist_sha256": SDIST_SHA256, "files": {
             p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         try:
             staging.rename(cache_dir)
         except OSError:  # another process finished first: use its folder if it is complete
@@ -116,7 +116,7 @@ def verify(cache_dir: Path, full_check: bool = False) -> None:
     """Check each file in ``cache_dir`` against manifest.json: its size, and its SHA-256 when ``full_check``."""
     if not (cache_dir / "manifest.json").is_file():
         raise ExampleDataError(f"{cache_dir}: has no manifest.json; delete the folder and fetch again.")
-    for name, entry in json.loads((cache_dir / "manifest.json").read_text())["files"].items():
+    for name, entry in json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))["files"].items():
         file = cache_dir / name
         size = file.stat().st_size if file.is_file() else None
         if size != entry["size"] or (full_check and _sha256(file) != entry["sha256"]):
@@ -145,7 +145,7 @@ def path(name: str, cache_dir: Path | str | None = None) -> Path:
 
 def class_names(task: str = "total", cache_dir: Path | str | None = None) -> dict[int, str]:
     """TotalSegmentator's label id -> class name for ``task``, parsed from map_to_binary.py as literals, never run."""
-    body = ast.parse((ensure(cache_dir) / "map_to_binary.py").read_text()).body
+    body = ast.parse((ensure(cache_dir) / "map_to_binary.py").read_text(encoding="utf-8")).body
     node = next((n for n in body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "class_map"), None)
     if node is None:
         raise ExampleDataError("map_to_binary.py: has no top-level `class_map = {...}` literal.")

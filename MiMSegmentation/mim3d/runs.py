@@ -160,7 +160,7 @@ def is_alive(status: dict) -> bool:
 def _is_zombie(pid: int) -> bool:
     """A killed child that its parent has not reaped yet still answers kill(pid, 0)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
     except OSError:
         return False
     return stat[stat.rfind(")") + 2:].startswith("Z")

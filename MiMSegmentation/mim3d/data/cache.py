@@ -51,7 +51,7 @@ def file_sha256(path: Path, memo_dir: Path | None) -> str:
     memo = memo_dir / f"{hashlib.sha256(str(path).encode()).hexdigest()}.json" if memo_dir else None
     if memo is not None and memo.is_file():
         try:
-            remembered = json.loads(memo.read_text())
+            remembered = json.loads(memo.read_text(encoding="utf-8"))
             if remembered["stat"] == stat:
                 return remembered["sha256"]
         except (OSError, ValueError, KeyError):
@@ -119,7 +119,7 @@ class PreprocessedCache:
 
     @staticmethod
     def _read(entry: Path, mmap: bool) -> dict[str, Any]:
-        out = {"meta": json.loads((entry / "meta.json").read_text())}
+        out = {"meta": json.loads((entry / "meta.json").read_text(encoding="utf-8"))}
         for name in ("image", "label"):
             if (entry / f"{name}.npy").is_file():
                 out[name] = np.load(entry / f"{name}.npy", mmap_mode="r" if mmap else None)
@@ -132,7 +132,8 @@ class PreprocessedCache:
         try:
             for name, array in arrays.items():
                 np.save(staging / f"{name}.npy", array)
-            (staging / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry complete
+            # meta.json is written last: its presence marks the entry complete
+            (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
             os.replace(staging, entry)
         except OSError:
             if not (entry / "meta.json").is_file():  # not another process finishing the same entry first

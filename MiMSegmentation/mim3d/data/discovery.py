@@ -115,7 +115,8 @@ def _reason(error: BadInputError, path: Path) -> str:
 
 def _mhd_data_files(header: Path) -> list[Path]:
     """The data file a .mhd header names (ElementDataFile), when it is one plain file beside it."""
-    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", header.read_text(errors="replace"), re.MULTILINE)
+    text = header.read_text(encoding="utf-8", errors="replace")
+    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, re.MULTILINE)
     data = header.parent / match.group(1) if match else None
     return [data] if data is not None and data.is_file() else []
 
