@@ -15,7 +15,7 @@ from .runs import read_metrics
 
 
 def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs: dict[int, tuple[int, str]],
-                 timings: dict[str, float], preset: str, steps: dict, total_seconds: float) -> dict:
+                 timings: dict[str, float], plan: dict, total_seconds: float) -> dict:
     ct = read_volume(inputs["unseen"])
     predicted = sitk.GetArrayFromImage(_on_grid(sitk.ReadImage(str(segmentation)), ct))  # (K, J, I)
     reference = _remap(sitk.GetArrayFromImage(_on_grid(sitk.ReadImage(str(inputs["unseen_reference"])), ct)), organs)
@@ -26,9 +26,10 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
     _draw_training(out)
     report = {
         "what": "MiM pre-training -> mim-unetr fine-tuning on one CT -> segmentation of an unseen CT (DICOM)",
-        "preset": preset, "steps": {"pretrain": steps["pretrain"], "finetune": steps["finetune"]},
+        "model": " ".join(plan["model"]), "spacing_mm": plan["spacing"],
+        "steps": {"pretrain": plan["pretrain"], "finetune": plan["finetune"]},
         "timings_seconds": {**timings, "total": total_seconds},
-        "training": {"finetune_best_validation": model.provenance.get("validation"),
+        "training": {"finetune_validation_dice": model.provenance.get("validation_dice"),
                      "pretrained_from": model.provenance.get("pretrained_from")},
         "unseen_scan": {"input": str(inputs["unseen"]), "grid": _grid(ct), "segmentation_grid": _grid(
             sitk.ReadImage(str(segmentation))), "reference": str(inputs["unseen_reference"]), "dice": dice,
@@ -126,7 +127,7 @@ def _markdown(report: dict) -> str:
     t = report["timings_seconds"]
     mean = report["unseen_scan"]["mean_dice"]
     steps = report["steps"]
-    return (f"# mim3d demo\n\n{report['what']} (preset `{report['preset']}`, {steps['pretrain']} pre-training "
+    return (f"# mim3d demo\n\n{report['what']} (`{report['model']}`, {steps['pretrain']} pre-training "
             f"and {steps['finetune']} fine-tuning steps).\n\n"
             f"Timings: pre-training {t['pretrain']} s, fine-tuning {t['finetune']} s, segmentation {t['segment']} s, "
             f"total {t['total']} s.\n\n## Dice on the unseen scan\n\n| organ | Dice |\n|---|---|\n{rows}\n"

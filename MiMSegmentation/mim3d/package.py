@@ -112,6 +112,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verify_package(folder: str | Path) -> ModelInfo:
+    """The package's description after checking its weights' SHA-256 against `model.json` (standard library only)."""
+    folder = Path(folder)
+    info = read_model_json(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise BadInputError(f"{folder}: the package has no {WEIGHTS}")
+    if file_sha256(weights) != info.weights_sha256:
+        raise BadInputError(f"{weights}: SHA-256 does not match model.json; the package is corrupt or was altered")
+    return info
+
+
 def save_package(folder: str | Path, model, info: ModelInfo) -> ModelInfo:
     """Write `model`'s weights and `info` as a package at `folder`, atomically (a temporary sibling folder renamed
     into place; an existing package there is replaced only once the new one is complete). Returns the info with the
@@ -148,12 +160,8 @@ def load_package(folder: str | Path, device: str = "cpu"):
     from .models import build_segmenter
 
     folder = Path(folder)
-    info = read_model_json(folder)
+    info = verify_package(folder)
     weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise BadInputError(f"{folder}: the package has no {WEIGHTS}")
-    if file_sha256(weights) != info.weights_sha256:
-        raise BadInputError(f"{weights}: SHA-256 does not match model.json; the package is corrupt or was altered")
     a = info.architecture
     model = build_segmenter(a["arch"], a["num_classes"], preset=a.get("preset", "base"), roi_size=info.roi_size,
                             in_channels=a.get("in_channels", 1), **_config_overrides(a))

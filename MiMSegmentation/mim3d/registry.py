@@ -34,7 +34,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BadInputError, Cancelled
-from .package import MODEL_JSON, WEIGHTS, ModelInfo, file_sha256, read_model_json
+from .package import MODEL_JSON, WEIGHTS, ModelInfo, file_sha256, read_model_json, verify_package
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CHUNK_BYTES = 1 << 16
@@ -299,17 +299,6 @@ def import_package(path: str | Path, model_id: str | None = None, home: Path | N
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     raise BadInputError(f"{path}: not a model package folder or a .zip of one.")
-
-
-def verify_package(folder: Path) -> ModelInfo:
-    """The package's description after checking its weights' SHA-256 against ``model.json``."""
-    info = read_model_json(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise BadInputError(f"{folder}: the package has no {WEIGHTS}")
-    if file_sha256(weights) != info.weights_sha256:
-        raise BadInputError(f"{weights}: SHA-256 does not match model.json; the package is corrupt or was altered")
-    return info
 
 
 def verify(model_id: str, home: Path | None = None) -> ModelInfo:

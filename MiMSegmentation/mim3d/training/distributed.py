@@ -13,15 +13,20 @@ resumed run continues the uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from ..errors import BadInputError
+
+log = logging.getLogger("mim3d.training")
 
 
 @dataclass(frozen=True)
@@ -154,3 +159,29 @@ class Sharding:
         """The dataset indices this rank loads, in order, from step `first_step` of `epoch` on."""
         order = self.order(epoch)
         return [order[p] for p in self.positions(first_step)]
+
+
+def epoch_batches(dataset, sharding: Sharding, workers: int, device: torch.device, epoch: int, first_step: int, *,
+                  collate_fn=None, items: str = "volumes"):
+    """(micro-batch, its items' positions in the epoch) for this rank, from optimiser step `first_step` of `epoch`.
+
+    `dataset` has `set_epoch` (its random crops depend only on seed, epoch and index) and counts in `skipped` the
+    unreadable items it replaced by the next readable one.
+    """
+    dataset.set_epoch(epoch)  # before the loader starts, so its workers see the epoch's crops
+    positions = sharding.positions(first_step)
+    loader = DataLoader(dataset, batch_size=sharding.batch, sampler=sharding.indices(epoch, first_step),
+                        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+                        collate_fn=collate_fn)
+    replaced = dataset.skipped
+    for m, batch in enumerate(loader):
+        yield batch, positions[m * sharding.batch:(m + 1) * sharding.batch]
+    if dataset.skipped > replaced:
+        log.warning("epoch %d: %d unreadable %s were replaced by the next readable ones (%d in all)", epoch + 1,
+                    dataset.skipped - replaced, items, dataset.skipped)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: loader workers must not die of it while the step finishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader
 
 from ..errors import BadInputError
 from ..models import build_segmenter, load_pretrained
@@ -199,7 +198,8 @@ def _train(opts, resume, world: World, device, precision, model, model_config, d
             writer.set_best(best_record(run_dir))
         writer.open(trainer.step, preamble=_preamble(opts, data, plan, resume, trainer.step, precision, pretrained))
         writer.set_state("starting", f"step {trainer.step} of {plan['total_steps']}")
-        batches = functools.partial(_epoch_batches, datasets[0], sharding, opts["workers"], device)
+        batches = functools.partial(distributed.epoch_batches, datasets[0], sharding, opts["workers"], device,
+                                    collate_fn=list_data_collate, items="cases")
         meta = {"method": opts["arch"], "config": config_to_dict(model_config), "run": opts,
                 "num_classes": data.table.num_classes}
         state = _fit_and_validate(trainer, batches, plan, opts, meta,
@@ -275,21 +275,6 @@ def _loss(model, batch, epoch: int, *, seed: int, device: torch.device, criterio
     torch.manual_seed(derive_seed(seed, "drop-path", epoch, *positions))
     logits = model(crops["image"].to(device, non_blocking=True))  # (B·samples, num_classes, *roi)
     return {"loss": criterion(logits.float(), crops["label"].to(device, non_blocking=True))}
-
-
-def _epoch_batches(dataset, sharding: Sharding, workers: int, device: torch.device, epoch: int, first_step: int):
-    """({"image": (B·samples, 1, *roi), "label": (B·samples, 1, *roi)}, their cases' epoch positions) for this rank,
-    from optimiser step `first_step` of `epoch`."""
-    dataset.set_epoch(epoch)  # before the loader starts, so its workers see the epoch's crops
-    positions = sharding.positions(first_step)
-    loader = DataLoader(dataset, batch_size=sharding.batch, sampler=sharding.indices(epoch, first_step),
-                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=list_data_collate)
-    replaced = dataset.skipped
-    for m, crops in enumerate(loader):
-        yield crops, positions[m * sharding.batch:(m + 1) * sharding.batch]
-    if dataset.skipped > replaced:
-        log.warning("epoch %d: %d unreadable cases were replaced by the next readable ones (%d in all)", epoch + 1,
-                    dataset.skipped - replaced, dataset.skipped)
 
 
 def _finish(writer: FinetuneRunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..errors import BadInputError
 from ..models import SEGMENTATION_ARCHS
-from ..runs import ACTIVE_STATES, RunDir, read_json, read_status
-from .options import default_cache_dir, parse_overrides
+from ..runs import RunDir
+from .options import default_cache_dir, parse_overrides, resume_options
 
 DEFAULTS = {
     "images": None, "labels": None, "dataset": None, "segmentations": None,  # exactly one source (images + labels)
@@ -104,7 +104,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
             given[key] = str(Path(given[key]).expanduser().absolute())
     if args.resume:
         resume = RunDir(Path(args.resume).expanduser().absolute())
-        opts = _resume_options(resume, given)
+        opts = resume_options(resume, given, command="finetune", may_change=RESUME_MAY_CHANGE)
         _check_numbers(opts)
         return opts, resume
     _check_sources(given)
@@ -191,31 +191,6 @@ def _check_numbers(opts: dict) -> None:
     low, high = opts["intensity"]
     if not low < high:
         raise BadInputError(f"--intensity: {low:g} {high:g}; LOW must be below HIGH (HU)")
-
-
-def _resume_options(run: RunDir, given: dict) -> dict:
-    config = read_json(run.config)
-    if not run.path.is_dir() or config is None or config.get("command") != "finetune":
-        raise BadInputError(f"--resume {run.path}: not a fine-tuning run folder (no readable config.json from "
-                            "mim3d finetune)")
-    status = read_status(run.path)
-    if status["state"] in ACTIVE_STATES:
-        raise BadInputError(f"--resume {run.path}: the run is still {status['state']} (pid {status.get('pid')} on "
-                            f"{status.get('host')}); stop it first (touch {run.stop_file})")
-    if not run.checkpoint("last").exists():
-        raise BadInputError(f"--resume {run.path}: no checkpoints/last.pt (it ended before its first checkpoint); "
-                            "start it again as a new run")
-    saved = config["options"]
-    conflicts = [f"--{k.replace('_', '-')} {_show(v)} (the run has {_show(saved.get(k))})"
-                 for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != saved.get(k)]
-    if conflicts:
-        raise BadInputError(f"--resume {run.path}: {'; '.join(conflicts)}. A resumed run keeps its options so that "
-                            "it continues exactly; start a new run to change them")
-    return {**saved, **given}
-
-
-def _show(value) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def optimisation_plan(opts: dict, sharding) -> dict:

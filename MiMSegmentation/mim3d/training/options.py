@@ -72,7 +72,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
             given[key] = _absolute(given[key])
     if args.resume:
         resume = RunDir(_absolute(args.resume))
-        opts = _resume_options(resume, given)
+        opts = resume_options(resume, given, command="pretrain", may_change=RESUME_MAY_CHANGE,
+                              new_run_hint=" (e.g. with --init <run>/checkpoints/last.pt)")
         _check_numbers(opts)
         return opts, resume
     missing = [f"--{k}" for k in ("data", "out") if k not in given]
@@ -125,11 +126,18 @@ def _check_numbers(opts: dict) -> None:
                             f"{opts['epochs']}")
 
 
-def _resume_options(run: RunDir, given: dict) -> dict:
+def resume_options(run: RunDir, given: dict, *, command: str, may_change: set[str], new_run_hint: str = "") -> dict:
+    """The options of the run to resume (`mim3d COMMAND --resume RUN_DIR`), updated with those given again.
+
+    Raises:
+        BadInputError: not a run of `command`, still active, no checkpoint yet, or a given option outside
+            `may_change` that differs from the saved one.
+    """
     config = read_json(run.config)
-    if not run.path.is_dir() or config is None or config.get("command") != "pretrain":
-        raise BadInputError(f"--resume {run.path}: not a pre-training run folder (no readable config.json from "
-                            "mim3d pretrain)")
+    if not run.path.is_dir() or config is None or config.get("command") != command:
+        what = {"pretrain": "pre-training", "finetune": "fine-tuning"}[command]
+        raise BadInputError(f"--resume {run.path}: not a {what} run folder (no readable config.json from "
+                            f"mim3d {command})")
     status = read_status(run.path)
     if status["state"] in ACTIVE_STATES:
         raise BadInputError(f"--resume {run.path}: the run is still {status['state']} (pid {status.get('pid')} on "
@@ -139,11 +147,10 @@ def _resume_options(run: RunDir, given: dict) -> dict:
                             "start it again as a new run")
     saved = config["options"]
     conflicts = [f"--{k.replace('_', '-')} {_show(v)} (the run has {_show(saved.get(k))})"
-                 for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != saved.get(k)]
+                 for k, v in given.items() if k not in may_change and v != saved.get(k)]
     if conflicts:
         raise BadInputError(f"--resume {run.path}: {'; '.join(conflicts)}. A resumed run keeps its options so that "
-                            "it continues exactly; start a new run (e.g. with --init <run>/checkpoints/last.pt) "
-                            "to change them")
+                            f"it continues exactly; start a new run{new_run_hint} to change them")
     return {**saved, **given}
 
 

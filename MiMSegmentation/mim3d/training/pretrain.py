@@ -18,14 +18,13 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .. import __version__
 from ..data import Discovery, discover_volumes, pretraining_dataset
@@ -144,7 +143,7 @@ def train(s: Setup, emitter: Emitter) -> None:
             engine.restore(trainer, read_checkpoint(run_dir.checkpoint("last"))[1])
         writer.open(trainer.step, preamble=_preamble(s, trainer.step))
         writer.set_state("starting", f"step {trainer.step} of {s.plan['total_steps']}")
-        batches = functools.partial(_epoch_batches, s.dataset, s.sharding, s.opts["workers"], s.device)
+        batches = functools.partial(distributed.epoch_batches, s.dataset, s.sharding, s.opts["workers"], s.device)
         meta = {"method": s.opts["method"], "config": config_to_dict(s.model.config), "run": s.opts}
         state = engine.fit(trainer, batches, steps_per_epoch=s.plan["steps_per_epoch"], epochs=s.opts["epochs"],
                            checkpoint_every=s.opts["checkpoint_every"], checkpoint_meta=meta)
@@ -205,26 +204,6 @@ def _loss(model, batch, epoch: int, *, seed: int, device: torch.device) -> dict:
              for p in positions]
     noise = {name: torch.cat([draw[name] for draw in draws]) for name in draws[0]}  # sample-major, as draw_noise(B)
     return model(crops.to(device, non_blocking=True), noise=noise)
-
-
-def _epoch_batches(dataset, sharding: Sharding, workers: int, device: torch.device, epoch: int, first_step: int):
-    """(crops (B, 1, S, S, S), their epoch positions) for this rank, from optimiser step `first_step` of `epoch`."""
-    dataset.set_epoch(epoch)  # before the loader starts, so its workers see the epoch's crops
-    positions = sharding.positions(first_step)
-    loader = DataLoader(dataset, batch_size=sharding.batch, sampler=sharding.indices(epoch, first_step),
-                        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
-    replaced = dataset.skipped
-    for m, crops in enumerate(loader):
-        yield crops, positions[m * sharding.batch:(m + 1) * sharding.batch]
-    if dataset.skipped > replaced:
-        log.warning("epoch %d: %d unreadable volumes were replaced by the next readable ones (%d in all)", epoch + 1,
-                    dataset.skipped - replaced, dataset.skipped)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group: loader workers must not die of it while the step finishes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _config_json(s: Setup) -> dict:
