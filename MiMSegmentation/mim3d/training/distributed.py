@@ -52,6 +52,14 @@ def world_from_env() -> World:
     return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
+def rank_zero_voice(world: World, emitter):
+    """The emitter to use: rank 0's own; the other ranks write protocol events to nowhere and log only warnings."""
+    if world.is_main:
+        return emitter
+    logging.getLogger().setLevel(logging.WARNING)
+    return type(emitter)(open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the life of the process
+
+
 def select_device(requested: str, world: World) -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" is refused on a machine without a usable GPU."""
     if requested not in ("auto", "cpu", "cuda"):

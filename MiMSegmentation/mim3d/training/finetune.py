@@ -27,7 +27,6 @@ import argparse
 import functools
 import logging
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -59,9 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
     world = distributed.world_from_env()
-    if not world.is_main:  # one voice, rank 0's: protocol events and the human log (warnings still show)
-        emitter = Emitter(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
-        logging.getLogger().setLevel(logging.WARNING)
+    emitter = distributed.rank_zero_voice(world, emitter)
     opts, resume = finetune_options.resolve(args)
     device = distributed.select_device(opts["device"], world)
     data = finetune_data.load_data(opts)

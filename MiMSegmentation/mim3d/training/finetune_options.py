@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BadInputError
 from ..models import SEGMENTATION_ARCHS
 from ..runs import RunDir
-from .options import default_cache_dir, parse_overrides, resume_options
+from .options import absolute_paths, default_cache_dir, parse_overrides, resume_options
 
 DEFAULTS = {
     "images": None, "labels": None, "dataset": None, "segmentations": None,  # exactly one source (images + labels)
@@ -101,9 +101,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
             given[key] = _three(key, given[key])
     for key in ("images", "labels", "dataset", "segmentations", "label_table", "out", "pretrained", "cache"):
         if key in given:
-            given[key] = str(Path(given[key]).expanduser().absolute())
+            given[key] = absolute_paths(given[key])
     if args.resume:
-        resume = RunDir(Path(args.resume).expanduser().absolute())
+        resume = RunDir(absolute_paths(args.resume))
         opts = resume_options(resume, given, command="finetune", may_change=RESUME_MAY_CHANGE)
         _check_numbers(opts)
         return opts, resume

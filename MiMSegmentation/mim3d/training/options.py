@@ -69,9 +69,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
         given["override"] = parse_overrides(given["override"])
     for key in ("data", "out", "init", "cache"):
         if key in given:
-            given[key] = _absolute(given[key])
+            given[key] = absolute_paths(given[key])
     if args.resume:
-        resume = RunDir(_absolute(args.resume))
+        resume = RunDir(absolute_paths(args.resume))
         opts = resume_options(resume, given, command="pretrain", may_change=RESUME_MAY_CHANGE,
                               new_run_hint=" (e.g. with --init <run>/checkpoints/last.pt)")
         _check_numbers(opts)
@@ -87,8 +87,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
     return opts, None
 
 
-def _absolute(value):
-    return [_absolute(v) for v in value] if isinstance(value, list) else str(Path(value).expanduser().absolute())
+def absolute_paths(value):
+    """A path, or a list of them, made absolute (~ expanded), as str."""
+    return [absolute_paths(v) for v in value] if isinstance(value, list) else str(Path(value).expanduser().absolute())
 
 
 def default_cache_dir() -> Path:

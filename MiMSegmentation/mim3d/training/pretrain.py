@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -48,9 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
     world = distributed.world_from_env()
-    if not world.is_main:  # one voice, rank 0's: protocol events and the human log (warnings still show)
-        emitter = Emitter(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
-        logging.getLogger().setLevel(logging.WARNING)
+    emitter = distributed.rank_zero_voice(world, emitter)
     setup = prepare(args, world, emitter)
     distributed.init_process_group(world, setup.device)  # all processes have validated everything: now write
     try:
