@@ -242,9 +242,9 @@ def test_catalog_entries_are_checked_against_the_schema(tmp_path):
 
 
 def test_the_shipped_catalog_is_valid_and_its_schema_states_the_same_fields():
-    assert registry.DEFAULT_CATALOG == REPO / "Resources" / "Models.json"
+    assert registry.DEFAULT_CATALOG == REPO / "MiMSegmentation" / "mim3d" / "catalog" / "Models.json"
     assert registry.list_available() == []  # no published model yet
-    schema = json.loads((REPO / "Resources" / "Models.schema.json").read_text())
+    schema = json.loads((REPO / "MiMSegmentation" / "mim3d" / "catalog" / "Models.schema.json").read_text())
     entry = schema["$defs"]["entry"]
     assert set(entry["required"]) == {k for k, (_, required) in registry.ENTRY_FIELDS.items() if required}
     assert set(entry["properties"]) == set(registry.ENTRY_FIELDS)

@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": ("mim3d.training.finetune", "fine-tune a segmenter on labelled cases; ends with a model package"),
     "segment": ("mim3d.inference.segment", "segment CT volumes with a model package (labels on the input grid)"),
     "models": ("mim3d.registry_cli", "list, show, import, download, verify and delete model packages"),
+    "devices": ("mim3d.devices", "the torch version, CUDA GPUs with their free memory, and the recommended device"),
     "demo": ("mim3d.demo", "the whole loop on the example CT: pre-train, fine-tune, segment an unseen scan, report"),
 }
 

@@ -5,7 +5,8 @@ Installed models live in ``models_home()``: ``$MIM3D_HOME/models`` when MIM3D_HO
 ``~/.mim3d/models``; one folder per model id, each a package (``model.json`` + ``weights.safetensors``, see
 ``mim3d.package``). Folders starting with "." are work in progress (downloads, staging) and never listed.
 
-The catalog (``Resources/Models.json``, schema ``Resources/Models.schema.json``) lists downloadable packages as
+The catalog (``mim3d/catalog/Models.json``, schema ``mim3d/catalog/Models.schema.json``; inside the package so that
+pip installs and the Slicer extension both carry it) lists downloadable packages as
 ``{"models": [entry, ...]}``; ``check_entry`` is the schema written out in code, so no jsonschema is needed at run
 time. A download is:
 
@@ -39,8 +40,8 @@ from .package import MODEL_JSON, WEIGHTS, ModelInfo, file_sha256, read_model_jso
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 30
-DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "Resources" / "Models.json"
-# The catalog entry, as Resources/Models.schema.json states it: field -> (kind, required).
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog" / "Models.json"
+# The catalog entry, as catalog/Models.schema.json states it: field -> (kind, required).
 ENTRY_FIELDS: dict[str, tuple[type, bool]] = {
     "id": (str, True), "name": (str, True), "version": (str, True), "url": (str, True), "sha256": (str, True),
     "size": (int, True), "description": (str, True), "licence": (str, True), "expected": (dict, True),

@@ -1,6 +1,6 @@
 """Manage model packages: list installed and downloadable models, show one, import, download, verify, delete.
 
-    mim3d models list [--catalog Resources/Models.json]
+    mim3d models list [--catalog Models.json]
     mim3d models info ID
     mim3d models import PATH.zip|FOLDER [--id ID]
     mim3d models download ID [--catalog FILE]
