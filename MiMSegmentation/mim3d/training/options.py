@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", action="append", metavar="DIR", help="folder of scans, searched recursively (repeatable)")
     add("--out", metavar="RUN_DIR", help="new run folder (must not hold a run)")
     add("--resume", metavar="RUN_DIR", help="continue this run from checkpoints/last.pt with its saved options")
+    add("--check-data", action="store_true", help="only find the scans under --data and report them (a result "
+        "event with the discovery summary: count, formats, spacings, skipped files and why); writes nothing")
     add("--method", choices=PRETRAINING_METHODS, help="pre-training method (default mim)")
     add("--preset", choices=("small", "base"), help="model size: base = the papers, small = CPU-sized (default base)")
     add("--override", action="append", metavar="KEY=VALUE",
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[dict, RunDir | None]:
     """The resolved options and, for --resume, the run folder. Raises BadInputError on a bad or conflicting option."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "check_data")}
     if "override" in given:
         given["override"] = parse_overrides(given["override"])
     for key in ("data", "out", "init", "cache"):

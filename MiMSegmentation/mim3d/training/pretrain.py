@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
+    if args.check_data:
+        check_data(args, emitter)
+        return
     world = distributed.world_from_env()
     emitter = distributed.rank_zero_voice(world, emitter)
     setup = prepare(args, world, emitter)
@@ -74,6 +77,20 @@ class Setup:
     @property
     def run_dir(self) -> RunDir:
         return self.resume or RunDir(self.opts["out"])
+
+
+def check_data(args: argparse.Namespace, emitter: Emitter) -> None:
+    """--check-data: the volumes a run on --data would train on and the files it would skip, as one result event
+    {"folders": [...], "summary": Discovery.summary(), "description": the same for people}; nothing is written, and
+    options other than --data are not looked at. No usable volume is bad input, as for a run."""
+    if args.resume:
+        raise BadInputError("--check-data checks the --data folders of a new run; it does not go with --resume")
+    if not args.data:
+        raise BadInputError("--check-data needs --data DIR (the folders of scans to check)")
+    folders = options.absolute_paths(args.data)
+    discovery = discover_volumes(folders)
+    print(discovery.describe(), file=sys.stderr, flush=True)
+    emitter.result(folders=folders, summary=discovery.summary(), description=discovery.describe())
 
 
 # ---- before anything is written -------------------------------------------------------------------------------------
