@@ -135,6 +135,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.labelTableWidget.connect("cellDoubleClicked(int,int)", self.onLabelCellDoubleClicked)
         self.ui.useSelectedRunButton.connect("clicked(bool)", self.onUseSelectedRun)
         self.ui.refreshRunsButton.connect("clicked(bool)", self.refreshRunList)
+        self.ui.runsFolderButton.connect("directoryChanged(QString)", lambda folder: self.refreshRunList())
         self.ui.runSelector.connect("activated(int)", self.onRunSelected)
         self.ui.stopRunButton.connect("clicked(bool)", self.onStopRun)
         self.ui.resumeRunButton.connect("clicked(bool)", self.onResumeRun)
@@ -251,7 +252,15 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runProgressBar.value = view.progress
         self.ui.runStatusLabel.text = f"{view.status}\n{view.error}" if view.error else view.status
         self.ui.pretrainEstimateLabel.text = self.estimate(self.pretrainSettings(), self.numScans)
-        self.ui.finetuneEstimateLabel.text = ""
+        self.ui.finetuneEstimateLabel.text = self.estimate(self.finetuneSettings(), self.numCases())
+
+    def numCases(self):
+        """Labelled cases, where counting them is cheap: image files in the images folder, or checked segmentations."""
+        source = DATA_SOURCES.index(self._parameterNode.dataSource)
+        images = optionalPath(self._parameterNode.imagesFolder)
+        if source == 0 and images and Path(images).is_dir():
+            return sum(1 for path in Path(images).iterdir() if not path.name.startswith("."))
+        return len(self.checkedSegmentations()) if source == 3 else None
 
     def estimate(self, settings, count) -> str:
         if not count:
@@ -290,9 +299,11 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dataPreviewLabel.text = _("Looking for scans...")
 
         def onFinished(outcome):
+            if outcome.cancelled:  # superseded by a newer preview
+                return
             event = outcome.result or outcome.error or {"type": "error", "message": outcome.message}
             self.ui.dataPreviewLabel.text = summarize_preview(event)
-            self.numScans = (outcome.result or {}).get("summary", {}).get("volumes")
+            self.numScans = (outcome.result or {}).get("summary", {}).get("count")
             self.updateGUI()
 
         self.previewJob = worker.WorkerJob(worker.worker_command("pretrain", preview_args(

@@ -237,7 +237,7 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask the worker which GPU it sees (torch is never imported here); the panel shows its answer."""
         def onFinished(outcome):
             self.panel.devices_checked(outcome)
-            if outcome.result and outcome.result.get("recommended") == "cpu":
+            if self._parameterNode and outcome.result and outcome.result.get("recommended") == "cpu":
                 self._parameterNode.fastMode = True  # suggested without a GPU; the user can untick it
             self.updateGUI()
 
@@ -424,7 +424,11 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
         result = {}
         job = self.startSegmentation(inputVolume, modelId, **options, schedule=lambda ms, fn: None,
                                      onFinished=lambda node, error: result.update(node=node, error=error))
-        job.wait(timeoutSeconds)
+        try:
+            job.wait(timeoutSeconds)
+        except TimeoutError:
+            job.cancel()
+            raise
         if result.get("error") or result.get("node") is None:
             raise RuntimeError(result.get("error") or _("The segmentation was cancelled."))
         return result["node"]
