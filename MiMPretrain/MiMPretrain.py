@@ -6,7 +6,9 @@ decides what it shows with training_panel.TrainingPanel; scene data is exported 
 charts (plots). torch is never imported in Slicer's own process.
 """
 
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -542,8 +544,6 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         return volume, segmentation
 
     def test_scene_export_and_tiny_runs(self):
-        import time
-
         from MiMSegmentationLib import dependencies
 
         work = Path(slicer.util.tempDirectory("MiMPretrainTest"))
@@ -562,7 +562,7 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
                                     epochs=1, device="cpu", workers=0, cache=str(work / "cache"), overrides=tiny,
                                     max_steps=2, log_every=1)
         logic.start("pretrain", pretrain)
-        snapshot = self.waitForRun(pretrain.out, time)
+        snapshot = self.waitForRun(pretrain.out)
         self.assertEqual(snapshot.state, "finished", snapshot.message)
         self.assertTrue(any(len(xs) >= 2 for xs, _ in snapshot.series.values()), snapshot.series)
 
@@ -573,14 +573,12 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
                                     overrides=tiny, roi=(64, 64, 32), spacing=(6.0, 6.0, 6.0), val_every=1,
                                     max_steps=4, log_every=1)
         logic.start("finetune", finetune)
-        snapshot = self.waitForRun(finetune.out, time)
+        snapshot = self.waitForRun(finetune.out)
         self.assertEqual(snapshot.state, "finished", snapshot.message)
         self.assertIn("dice/organ", snapshot.series)
         logic.showCurves(snapshot)
         chart = plots.find_chart(slicer.mrmlScene, f"{finetune.out}#dice")
         self.assertEqual(plots.curve_values(chart, "organ")[1], list(snapshot.series["dice/organ"][1]))
-
-        import os
 
         savedHome = os.environ.get("MIM3D_HOME")
         os.environ["MIM3D_HOME"] = str(work / "home")
@@ -603,7 +601,7 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         folder = Path(slicer.modules.mimsegmentation.path).parent
         return dependencies.read_requirements(folder / "Resources" / "requirements.txt")
 
-    def waitForRun(self, runDir, time, timeoutSeconds=900):
+    def waitForRun(self, runDir, timeoutSeconds=900):
         watcher = training_runs.RunWatcher(runDir)
         deadline = time.monotonic() + timeoutSeconds
         snapshot = watcher.refresh()
