@@ -55,12 +55,12 @@ def run(args: argparse.Namespace, emitter: Emitter) -> None:
     out = _prepare_out(Path(args.out))
     plan = {**PLANS["gpu" if _cuda(args.device) else "cpu"], **(QUICK if args.quick else {})}
     data = example_data.ensure()
-    inputs = _inputs(data, out / "inputs")
+    inputs = prepare_inputs(data, out / "inputs")
     timings, started = {}, time.perf_counter()
 
     def stage(name: str, share: tuple[float, float], command: list[str]) -> None:
         begin = time.perf_counter()
-        _run_worker(command, emitter, name, share)
+        run_worker(command, emitter, name, share)
         timings[name] = round(time.perf_counter() - begin, 1)
 
     stage("pretrain", (0.0, 0.3), [
@@ -112,22 +112,22 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
-def _inputs(data: Path, folder: Path) -> dict[str, Path]:
+def prepare_inputs(data: Path, folder: Path) -> dict[str, Path]:
     """Lay the example files out as the commands expect them (links where possible, copies otherwise)."""
     pretrain, images, labels = folder / "pretrain", folder / "images", folder / "labels"
     for f in (pretrain, images, labels):
         f.mkdir(parents=True)
-    _link(data / "example_ct.nii.gz", pretrain / "example_ct.nii.gz")
-    _link(data / "example_ct_dicom", pretrain / "example_ct_dicom")  # a second scan, another person
-    _link(data / "example_ct.nii.gz", images / "example_ct.nii.gz")
-    _link(data / "example_seg_fast_force_split.nii.gz", labels / "example_ct.nii.gz")
+    link_or_copy(data / "example_ct.nii.gz", pretrain / "example_ct.nii.gz")
+    link_or_copy(data / "example_ct_dicom", pretrain / "example_ct_dicom")  # a second scan, another person
+    link_or_copy(data / "example_ct.nii.gz", images / "example_ct.nii.gz")
+    link_or_copy(data / "example_seg_fast_force_split.nii.gz", labels / "example_ct.nii.gz")
     table = folder / "labels.json"
     LabelTable.from_dict({"labels": [{"value": v, "name": n} for v, n in sorted(ORGANS.values())]}).save(table)
     return {"pretrain": pretrain, "images": images, "labels": labels, "table": table,
             "unseen": data / "example_ct_dicom", "unseen_reference": data / "example_seg_dicom.nii.gz"}
 
 
-def _link(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """A symbolic link to a file (a copy where links are not allowed); folders are copied, since data discovery
     does not follow links to folders."""
     if source.is_dir():
@@ -139,7 +139,7 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _run_worker(command: list[str], emitter: Emitter, stage: str, share: tuple[float, float]) -> None:
+def run_worker(command: list[str], emitter: Emitter, stage: str, share: tuple[float, float]) -> None:
     """Run `python -m mim3d COMMAND`, relaying its progress scaled into `share` of the demo; fail on its error."""
     process = subprocess.Popen([sys.executable, "-m", "mim3d", *command], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -17,8 +17,8 @@ from .runs import read_metrics
 def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs: dict[int, tuple[int, str]],
                  timings: dict[str, float], plan: dict, total_seconds: float) -> dict:
     ct = read_volume(inputs["unseen"])
-    predicted = sitk.GetArrayFromImage(_on_grid(sitk.ReadImage(str(segmentation)), ct))  # (K, J, I)
-    reference = _remap(sitk.GetArrayFromImage(_on_grid(sitk.ReadImage(str(inputs["unseen_reference"])), ct)), organs)
+    predicted = sitk.GetArrayFromImage(on_grid(sitk.ReadImage(str(segmentation)), ct))  # (K, J, I)
+    reference = _remap(sitk.GetArrayFromImage(on_grid(sitk.ReadImage(str(inputs["unseen_reference"])), ct)), organs)
     dice = {name: _dice(predicted == value, reference == value) for value, name in sorted(organs.values())}
     scored = [d for d in dice.values() if d is not None]
     model = read_model_json(out / "finetune" / "model")
@@ -43,7 +43,7 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
     return report
 
 
-def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+def on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A label map resampled (nearest neighbour, identity transform) onto the reference grid in physical space."""
     return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
