@@ -480,11 +480,7 @@ class MiMPretrainLogic(ScriptedLoadableModuleLogic):
             with open(optionalPath(parameters.datasetFile), encoding="utf-8") as f:
                 return from_dataset_json(json.load(f), optionalPath(parameters.datasetFile))
         if source == 3 and segmentationNodes:
-            tables = [mrml_bridge.label_table_from_segmentation(node) for node in segmentationNodes]
-            names = list(dict.fromkeys(label.name for table in tables for label in table))
-            first = {label.name: label for table in reversed(tables) for label in table}
-            return LabelTable(tuple(Label(i, name, first[name].color, first[name].terminology)
-                                    for i, name in enumerate(names, start=1)))
+            return mrml_bridge.label_table_of_segmentations(segmentationNodes)
         raise ValueError(_("No labels to read: choose a label table file, a dataset.json, or scene segmentations "
                            "(a folder of .seg.nrrd files names its labels itself)."))
 
@@ -553,7 +549,7 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(exported["cases"]), 3)
         self.assertEqual(LabelTable.load(exported["label_table"]).names, ("organ",))
 
-        if not dependencies.torch_installed() or dependencies.unmet(self.requirements()):
+        if not dependencies.worker_ready():
             self.delayDisplay("Skipped the training runs: PyTorch/MONAI are not installed.")
             shutil.rmtree(work, ignore_errors=True)
             return
@@ -593,13 +589,6 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
             else:
                 os.environ["MIM3D_HOME"] = savedHome
             shutil.rmtree(work, ignore_errors=True)
-
-    @staticmethod
-    def requirements():
-        from MiMSegmentationLib import dependencies
-
-        folder = Path(slicer.modules.mimsegmentation.path).parent
-        return dependencies.read_requirements(folder / "Resources" / "requirements.txt")
 
     def waitForRun(self, runDir, timeoutSeconds=900):
         watcher = training_runs.RunWatcher(runDir)

@@ -313,12 +313,6 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
     def downloadArgs(modelId) -> list:
         return worker.worker_command("models", ["download", modelId])
 
-    def requirements(self) -> list:
-        return dependencies.read_requirements(self.resourcePath("requirements.txt"))
-
-    def resourcePath(self, filename) -> str:
-        return str(Path(__file__).parent / "Resources" / filename)
-
     def installDependencies(self) -> bool:
         """Install what the worker lacks, after one confirmation; True when everything is there.
 
@@ -335,11 +329,11 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
                 askConfirmation=True, torchVersionRequirement=dependencies.TORCH_VERSION)
             if torch is None:
                 return False
-        missing = dependencies.unmet(self.requirements())
+        missing = dependencies.unmet_requirements()
         if not missing:
             return True
         if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):  # Slicer 5.12+: asks once
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(self.resourcePath("requirements.txt")),
+            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(dependencies.REQUIREMENTS_FILE)),
                                         skip_packages=list(dependencies.PROTECTED_PACKAGES), requester="MiM")
         else:
             if not slicer.util.confirmOkCancelDisplay(
@@ -349,7 +343,7 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
             constraints = Path(slicer.util.tempDirectory("MiMConstraints")) / "constraints.txt"
             constraints.write_text("\n".join(dependencies.protected_constraints()) + "\n", encoding="utf-8")
             slicer.util.pip_install(["-c", str(constraints), *missing])
-        still = dependencies.unmet(self.requirements())
+        still = dependencies.unmet_requirements()
         if still:
             raise RuntimeError(_("These packages are still missing after the install: {packages}. Restart Slicer and "
                                  "try again.").format(packages=dependencies.describe(still)))
@@ -480,7 +474,7 @@ class MiMSegmentationTest(ScriptedLoadableModuleTest):
         self.assertGeometryEqual(node, volume)
 
     def workerAvailable(self) -> bool:
-        if dependencies.torch_installed() and not dependencies.unmet(MiMSegmentationLogic().requirements()):
+        if dependencies.worker_ready():
             return True
         self.delayDisplay("Skipped a worker test: PyTorch/MONAI are not installed.")
         return False

@@ -41,7 +41,9 @@ def test_unmet_reports_missing_and_out_of_range_packages_only():
 
 
 def test_requirements_of_this_checkout_are_all_met_in_the_test_environment():
-    assert dependencies.unmet(dependencies.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")) == []
+    assert dependencies.REQUIREMENTS_FILE == MODULE_DIR / "Resources" / "requirements.txt"
+    assert dependencies.unmet_requirements() == []
+    assert dependencies.worker_ready()
 
 
 def test_protected_constraints_pin_the_installed_versions(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+# The module's Resources/requirements.txt (beside this package in the source tree and in an installed extension).
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 TORCH_VERSION = ">=2.4"  # what the worker supports; the PyTorch extension installs it
 # Packages Slicer ships (or the PyTorch extension installs); pip must keep the installed versions.
 PROTECTED_PACKAGES = ("numpy", "SimpleITK", "requests", "torch")
@@ -55,6 +57,16 @@ def unmet(requirements: list[str]) -> list[str]:
 def torch_installed() -> bool:
     """True when torch's metadata says it is installed at a version the worker supports."""
     return not unmet([f"torch{TORCH_VERSION}"])
+
+
+def unmet_requirements() -> list[str]:
+    """The lines of ``REQUIREMENTS_FILE`` that are not met."""
+    return unmet(read_requirements(REQUIREMENTS_FILE))
+
+
+def worker_ready() -> bool:
+    """True when torch and every package of ``REQUIREMENTS_FILE`` are installed at supported versions."""
+    return torch_installed() and not unmet_requirements()
 
 
 def protected_constraints() -> list[str]:

@@ -412,10 +412,11 @@ def _case_names(volume_names: Sequence[str]) -> list[str]:
     return names
 
 
-def _merged_table(tables: Sequence[LabelTable]) -> LabelTable:
-    """Labels by name in order of first appearance, numbered 1..N; colour and terminology from the first."""
+def label_table_of_segmentations(segmentation_nodes: Sequence[Any]) -> LabelTable:
+    """One table for several segmentations (the training data's): segments by name in order of first appearance,
+    numbered 1..N; colour and terminology from the first segment of that name."""
     first: dict[str, Label] = {}
-    for table in tables:
+    for table in map(label_table_from_segmentation, segmentation_nodes):
         for label in table:
             first.setdefault(label.name, label)
     return from_segment_names(list(first), [label.color for label in first.values()],
@@ -449,7 +450,7 @@ def export_training_data(cases: Sequence[tuple[Any, Any]], out_dir: str | Path) 
     if not cases:
         raise ValueError("no training cases: give at least one (volume, segmentation) pair.")
     _check_replaceable(out_dir)
-    table = _merged_table([label_table_from_segmentation(segmentation) for _, segmentation in cases])
+    table = label_table_of_segmentations([segmentation for _, segmentation in cases])
     names = _case_names([volume.GetName() for volume, _ in cases])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))

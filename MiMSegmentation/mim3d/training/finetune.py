@@ -275,15 +275,8 @@ def _loss(model, batch, epoch: int, *, seed: int, device: torch.device, criterio
 
 
 def _finish(writer: FinetuneRunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:
-    if state == "stopped":
-        message = f"stopped at step {trainer.step} ({trainer.stop.reason}); continue with --resume"
-    elif plan["total_steps"] < plan["scheduled_steps"]:
-        message = f"reached --max-steps {plan['total_steps']} of the {plan['scheduled_steps']} scheduled steps"
-    else:
-        message = f"all {plan['scheduled_steps']} steps done"
+    message = writer.end(state, trainer.step, trainer.stop.reason, plan)
     package = writer.run.path / PACKAGE_DIR
-    writer.set_state(state, message, eta_seconds=0.0 if state == "finished" else None)
-    writer.close()
     best = writer.best or {}
     emitter.result(state=state, run_dir=str(writer.run.path), step=trainer.step, total_steps=plan["total_steps"],
                    epoch=writer.status["epoch"], loss=writer.status["loss"],

@@ -197,14 +197,7 @@ def _remove_run(path: Path, keep_folder: bool) -> None:
 
 
 def _finish(writer: RunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:
-    if state == "stopped":
-        message = f"stopped at step {trainer.step} ({trainer.stop.reason}); continue with --resume"
-    elif plan["total_steps"] < plan["scheduled_steps"]:
-        message = f"reached --max-steps {plan['total_steps']} of the {plan['scheduled_steps']} scheduled steps"
-    else:
-        message = f"all {plan['scheduled_steps']} steps done"
-    writer.set_state(state, message, eta_seconds=0.0 if state == "finished" else None)
-    writer.close()
+    message = writer.end(state, trainer.step, trainer.stop.reason, plan)
     emitter.result(state=state, run_dir=str(writer.run.path), step=trainer.step, total_steps=plan["total_steps"],
                    epoch=writer.status["epoch"], loss=writer.status["loss"],
                    last_checkpoint=writer.status["last_checkpoint"], message=message)

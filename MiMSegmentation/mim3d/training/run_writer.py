@@ -183,6 +183,19 @@ class RunWriter:
         with open(self.run.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
 
+    def end(self, state: str, step: int, stop_reason: str | None, plan: dict) -> str:
+        """Record the run's final state ("finished" or "stopped") with its message and close the writer; the message.
+        ``plan`` has "total_steps" (this run's, --max-steps included) and "scheduled_steps"."""
+        if state == "stopped":
+            message = f"stopped at step {step} ({stop_reason}); continue with --resume"
+        elif plan["total_steps"] < plan["scheduled_steps"]:
+            message = f"reached --max-steps {plan['total_steps']} of the {plan['scheduled_steps']} scheduled steps"
+        else:
+            message = f"all {plan['scheduled_steps']} steps done"
+        self.set_state(state, message, eta_seconds=0.0 if state == "finished" else None)
+        self.close()
+        return message
+
     def checkpoint_written(self, path: Path) -> None:
         self.status["last_checkpoint"] = path.relative_to(self.run.path).as_posix()
         self._write_status()
