@@ -216,6 +216,24 @@ def test_reused_segmentation_node_is_refilled_without_leftovers(scene, tmp_path)
     assert node_ids(scene) == before
 
 
+def test_new_segmentation_is_placed_beside_the_volume_and_a_reused_one_stays_where_it_is(scene, tmp_path):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient")
+    study = hierarchy.CreateStudyItem(patient, "study")
+    volume = add_volume(GRIDS["flipped"])
+    hierarchy.CreateItem(study, volume)
+    elsewhere = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "my results")
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    hierarchy.CreateItem(elsewhere, mine)
+
+    new = import_labels(write_label_file(volume, tmp_path, known_labels()), volume, TABLE)
+    import_labels(write_label_file(volume, tmp_path, known_labels(), "again.nrrd"), volume, TABLE,
+                  segmentation_node=mine)
+
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(new)) == study
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(mine)) == elsewhere
+
+
 def test_segmentation_follows_a_transformed_volume(scene, tmp_path):
     volume = add_volume(GRIDS["oblique"])
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")

@@ -248,8 +248,9 @@ def import_labels(label_path: str | Path, reference_volume: Any, label_table: La
     Every label of ``label_table`` becomes a segment (empty when absent from the file): ID and name = label name,
     table colour, label value = table value, its terminology entry. The segmentation gets ``reference_volume`` as its
     reference geometry and parent transform, default display nodes, and a closed surface when ``show_3d``.
-    ``segmentation_node`` is emptied and refilled (same node); without it a new node is added, named ``name`` (default
-    "<volume name> segmentation"). The file is fully checked before any node is touched; on failure a node added by
+    ``segmentation_node`` is emptied and refilled (same node, where it is in the subject hierarchy); without it a new
+    node is added, named ``name`` (default "<volume name> segmentation"), beside the volume in the subject hierarchy
+    (in its study, when it has one). The file is fully checked before any node is touched; on failure a node added by
     this call is removed again.
 
     Raises:
@@ -261,13 +262,28 @@ def import_labels(label_path: str | Path, reference_volume: Any, label_table: La
     entries = {label.name: terminology_entry(label) for label in label_table}
     scene = reference_volume.GetScene()
     with _scene_rollback(scene, keep_on_success=True):
-        node = segmentation_node if segmentation_node is not None else scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{reference_volume.GetName()} segmentation")
+        node = segmentation_node
+        if node is None:
+            name = name or f"{reference_volume.GetName()} segmentation"
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            _place_beside(node, reference_volume)
         _fill_segments(node, labels, reference_volume, label_table, entries, label_path)
         node.CreateDefaultDisplayNodes()
         if show_3d:
             node.CreateClosedSurfaceRepresentation()
     return node
+
+
+def _place_beside(node: Any, volume: Any) -> None:
+    """Give ``node`` the subject-hierarchy parent of ``volume`` (Slicer creates data nodes' items as they are added;
+    a bare MRML scene does not, so a missing item is created here)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume.GetScene())
+    volume_item = hierarchy.GetItemByDataNode(volume) if hierarchy else 0
+    if not volume_item:
+        return
+    parent = hierarchy.GetItemParent(volume_item)
+    item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(parent, node)
+    hierarchy.SetItemParent(item, parent)
 
 
 def _fill_segments(node: Any, labels: Any, reference_volume: Any, label_table: LabelTable,
