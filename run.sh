@@ -4,9 +4,9 @@
 #     one of those files or pyproject.toml changes (a hash stamp lives in .venv);
 #   - the example CT data (`python -m mim3d.example_data fetch`, cached outside the repository).
 #
-#   ./run.sh demo  [args]   the main job: python -m mim3d demo
-#   ./run.sh test  [args]   ruff, then pytest (what CI runs); args go to pytest, e.g. ./run.sh test -k example_data
-#   ./run.sh bench [args]   python bench/run_all.py
+#   ./run.sh demo [args]        the main job: python -m mim3d demo
+#   ./run.sh test [args]        ruff, then pytest (what CI runs); args go to pytest, e.g. ./run.sh test -k example_data
+#   ./run.sh bench NAME [args]  python bench/bench_NAME.py (pretrain, segment, training, pretraining_benefit)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -86,9 +86,14 @@ case "$command" in
     exit "$status"
     ;;
   bench)
-    [[ -f bench/run_all.py ]] || die "bench/run_all.py does not exist yet"
+    name=${1:-}
+    [[ $# -gt 0 ]] && shift
+    if [[ -z "$name" || ! -f "bench/bench_$name.py" ]]; then
+      names=$(cd bench && ls bench_*.py | sed 's/^bench_//; s/\.py$//' | paste -sd ' ' -)
+      die "bench: give one of: $names"
+    fi
     bootstrap
-    exec python bench/run_all.py "$@"
+    exec python "bench/bench_$name.py" "$@"
     ;;
   -h | --help | help)
     usage

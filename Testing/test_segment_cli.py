@@ -26,6 +26,7 @@ from volume_helpers import OBLIQUE, make_image, write_image
 
 from mim3d import io, registry
 from mim3d.__main__ import main
+from mim3d.inference import windows
 from mim3d.inference.output import write_labels
 from mim3d.models import build_segmenter
 from mim3d.package import MODEL_JSON, WEIGHTS, save_package
@@ -128,8 +129,9 @@ def test_a_nifti_labelmap_restricted_to_an_roi_in_ras_keeps_the_input_grid(packa
         [s - 1 for s in stop])]
     ras = [v for p in lps for v in (-p[0], -p[1], p[2])]  # what Slicer shows
     code, events = run_cli(capsys, example_ct_path, "--model", package, "--output", tmp_path / "roi.nii.gz",
-                           "--roi", *ras, "--keep-largest")
+                           "--roi", *ras, "--no-amp", "--keep-largest")
     assert code == EXIT_OK, events[-1]
+    assert events[-1]["cases"][0]["plan"] == "cpu, 1 window(s) per pass, float32"
     labels = sitk.GetArrayFromImage(assert_on_grid(tmp_path / "roi.nii.gz", reference, atol=1e-4))
     inside = np.zeros(labels.shape, bool)
     inside[tuple(slice(a, b) for a, b in zip(reversed(start), reversed(stop), strict=True))] = True
@@ -145,6 +147,8 @@ def test_fast_mode_writes_an_nrrd_labelmap_on_the_input_grid_and_warns_about_an_
     assert any("do not look like CT" in w for w in events[-1]["warnings"])
     assert any(e["type"] == "progress" and e["message"].startswith("warning: ") for e in events)
     assert events[-1]["cases"][0]["model_grid"] == [22, 18, 4]  # 351×273×60 mm (MR: all "body") at 16 mm
+    mixed = windows.amp_dtype(torch.device("cpu"))  # --amp is the default: bf16 where this CPU computes it natively
+    assert events[-1]["cases"][0]["plan"].endswith(str(mixed).removeprefix("torch.") if mixed else "float32")
 
 
 def test_sigterm_after_the_first_window_exits_130_and_leaves_no_output(package, example_ct_path, tmp_path):

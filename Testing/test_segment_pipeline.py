@@ -4,11 +4,14 @@ answer is known and depends on the orientation the network is fed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 from segment_helpers import EdgeModel, expected_edge_labels, model_info
+from torch import nn
 from volume_helpers import OBLIQUE, make_image
 
 from mim3d import io
@@ -187,7 +190,8 @@ def test_out_of_memory_retries_with_a_smaller_window_batch_and_says_so(ct):
     model = RunsOutOfMemoryWithTwoWindows()
     info = model_info(spacing_mm=(3.0, 3.0, 3.0), roi_size=(64, 64, 32))
     labels = segment_volume(ct, model, info, sw_batch_size=2, progress=lambda *e: events.append(e))
-    assert any("out of memory (cpu, 2 window(s) per pass); retrying with cpu, 1 window(s)" in e[2] for e in events)
+    assert any("out of memory (cpu, 2 window(s) per pass, " in e[2] and "; retrying with cpu, 1 window(s)" in e[2]
+               for e in events)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct, info)))
     fractions = [e[1] for e in events if e[0] == "windows"]
     assert fractions[-1] == 1.0
@@ -195,12 +199,49 @@ def test_out_of_memory_retries_with_a_smaller_window_batch_and_says_so(ct):
 
 def test_out_of_memory_fallbacks_halve_the_batch_then_move_the_output_then_everything_to_the_cpu():
     cuda = torch.device("cuda")
-    plan, steps = windows.Plan(cuda, 4, cuda), []
-    while plan is not None:
-        steps.append((plan.device.type, plan.sw_batch_size, plan.output_device.type))
-        plan = windows.fallback(plan)
-    assert steps == [("cuda", 4, "cuda"), ("cuda", 2, "cuda"), ("cuda", 1, "cuda"), ("cuda", 1, "cpu"),
-                     ("cpu", 1, "cpu")]
+    for amp in (True, False):
+        plan, steps = windows.Plan(cuda, 4, cuda, amp), []
+        while plan is not None:
+            steps.append((plan.device.type, plan.sw_batch_size, plan.output_device.type, plan.amp))
+            plan = windows.fallback(plan)
+        assert steps == [("cuda", 4, "cuda", amp), ("cuda", 2, "cuda", amp), ("cuda", 1, "cuda", amp),
+                         ("cuda", 1, "cpu", amp), ("cpu", 1, "cpu", amp)]
+
+
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
+def test_cpu_mixed_precision_is_bf16_exactly_where_the_cpu_computes_bf16_natively():
+    native = bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    assert windows.amp_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+
+
+class RecordsPrecision(EdgeModel):
+    """EdgeModel that also runs a real convolution and records the dtype it computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, 1)
+        self.dtypes = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.dtypes.add(self.conv(x).dtype)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_runs_the_network_in_the_devices_native_lower_precision_and_no_amp_in_float32(ct, amp):
+    model, report = RecordsPrecision(), {}
+    labels = segment_volume(ct, model, model_info(roi_size=(64, 64, 32)), amp=amp, report=report)
+    dtype = (windows.amp_dtype(torch.device("cpu")) if amp else None) or torch.float32
+    assert model.dtypes == {dtype}
+    assert report["plan"].endswith(str(dtype).removeprefix("torch."))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct)))
 
 
 def test_window_count_matches_the_windows_monai_visits(ct):

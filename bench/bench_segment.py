@@ -7,8 +7,10 @@ Reference = what a MONAI user writes: the whole volume resampled to the model sp
 windowed, through ``sliding_window_inference(x, roi, 1, model, overlap=0.25)`` (MONAI's defaults: constant blending,
 no foreground crop) on the same device, argmax, and the labels mapped to the input grid with the same
 nearest-neighbour step. Ours runs at ``--overlap`` (default 0.25, the reference's, so that the comparison isolates
-the pipeline: body crop, shared answer for all-air windows, Gaussian blending, uint8 labels, AMP on a GPU). Agreement
-is the mean Dice over the labels either output holds, on the input grid.
+the pipeline: body crop, shared answer for all-air windows, Gaussian blending, uint8 labels, mixed precision where the
+device computes it natively), once as ``mim3d segment`` runs by default and once with ``amp=False`` (float32, as the
+reference), so that the share of mixed precision is visible. Agreement is the mean Dice over the labels either output
+holds, on the input grid.
 
 Agreement needs a trained model: a random network predicts arbitrary labels in the air, which we never compute, so
 without ``--model`` (a random small mim-unetr) the timings and memory are meaningful and the agreement is not.
@@ -40,7 +42,7 @@ from bench_pretrain import PeakMemory  # noqa: E402
 
 from mim3d import io  # noqa: E402
 from mim3d.example_data import ensure  # noqa: E402
-from mim3d.inference import segment_volume  # noqa: E402
+from mim3d.inference import segment_volume, windows  # noqa: E402
 from mim3d.inference.geometry import IndexBox, labels_to_input, model_grid  # noqa: E402
 from mim3d.labels import LabelTable  # noqa: E402
 from mim3d.models import build_segmenter  # noqa: E402
@@ -145,16 +147,20 @@ def main() -> None:
     results = {}
     (ref_labels, ref_windows), *ref_cost = timed(device, lambda: reference(ct, model, info, device))
     results["reference"] = {"seconds": ref_cost[0], "peak_extra_gib": ref_cost[1], "windows": ref_windows}
-    for name, fast in (("ours", False), ("ours_fast", True)):
+    ours = {}
+    for name, fast, amp in (("ours", False, True), ("ours_float32", False, False), ("ours_fast", True, True)):
         report = {}
-        labels, *cost = timed(device, lambda fast=fast, report=report: segment_volume(
-            ct, model, info, device=device, fast=fast, overlap=args.overlap, report=report))
-        results[name] = {"seconds": cost[0], "peak_extra_gib": cost[1], "windows": report["windows"],
-                         "empty_windows": report["empty_windows"], "model_grid": report["model_grid"],
+        labels, *cost = timed(device, lambda fast=fast, amp=amp, report=report: segment_volume(
+            ct, model, info, device=device, fast=fast, overlap=args.overlap, amp=amp, report=report))
+        ours[name] = sitk.GetArrayFromImage(labels)
+        results[name] = {"seconds": cost[0], "peak_extra_gib": cost[1], "plan": report["plan"],
+                         "windows": report["windows"], "empty_windows": report["empty_windows"],
+                         "model_grid": report["model_grid"],
                          "timings_s": {k: round(v, 2) for k, v in report["timings_s"].items()},
-                         "dice_agreement_with_reference": dice_agreement(sitk.GetArrayViewFromImage(labels),
-                                                                         ref_labels)}
-    results["ours_time_vs_reference"] = round(results["ours"]["seconds"] / results["reference"]["seconds"], 3)
+                         "dice_agreement_with_reference": dice_agreement(ours[name], ref_labels)}
+    for name in ("ours", "ours_float32"):
+        results[f"{name}_time_vs_reference"] = round(results[name]["seconds"] / results["reference"]["seconds"], 3)
+    results["ours_dice_agreement_with_ours_float32"] = dice_agreement(ours["ours"], ours["ours_float32"])
 
     if not args.skip_large:
         size = (256, 256, 150) if args.quick else (512, 512, 300)
@@ -169,7 +175,8 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "glibc_keeps_freed_memory": allocator_tuned}
+               "glibc_keeps_freed_memory": allocator_tuned,
+               "mixed_precision": str(windows.amp_dtype(device) or "none").removeprefix("torch.")}
     description = {"name": info.name, "weights": "package" if args.model else "random", "roi": list(info.roi_size),
                    "spacing_mm": info.preprocessing["spacing_mm"], "classes": info.labels.num_classes,
                    "our_overlap": args.overlap}

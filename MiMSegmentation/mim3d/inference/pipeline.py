@@ -10,9 +10,10 @@ Steps (each reported through ``progress(stage, fraction, message)``):
    and resample linearly to the model spacing (``geometry.model_grid``); window the HU to [0, 1] as in training. Air
    outside the box would be 0 after windowing, which is also the sliding window's padding value, so the crop saves
    the windows over air and moves the window tiling; the values the network sees are unchanged.
-2. windows: MONAI sliding-window inference with Gaussian blending (AMP on CUDA; window batch by free GPU memory,
-   halved and then moved to the CPU on out-of-memory errors), all-air windows answered by one shared pass, argmax to
-   uint8 in model space (``windows.predict_labels``).
+2. windows: MONAI sliding-window inference with Gaussian blending (mixed precision where the device computes a
+   lower precision natively, ``windows.amp_dtype``; window batch by free GPU memory, halved and then moved to the CPU
+   on out-of-memory errors), all-air windows answered by one shared pass, argmax to uint8 in model space
+   (``windows.predict_labels``).
 3. postprocess: nearest-neighbour mapping of the label map onto the input grid (``geometry.labels_to_input``),
    keep-largest-component per label, zeros outside the computed box.
 
@@ -100,17 +101,19 @@ class InferenceSettings:
 
 
 def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *, device: str | torch.device = "cpu",
-                   fast: bool = False, overlap: float | None = None, tta: bool = False,
+                   fast: bool = False, overlap: float | None = None, tta: bool = False, amp: bool = True,
                    keep_largest: bool | Collection[str | int] = False, roi_lps=None, progress: Progress | None = None,
                    cancel: Callable[[], bool] | None = None, warn: Callable[[str], None] | None = None,
                    sw_batch_size: int | None = None, report: dict[str, Any] | None = None) -> sitk.Image:
     """Segment a 3-D CT ``image`` (any orientation; LPS as SimpleITK reads it) with ``model`` described by ``info``.
 
     Args:
-        device: "cpu", "cuda" or "cuda:N" (the model is moved there; AMP bf16/fp16 on CUDA only).
+        device: "cpu", "cuda" or "cuda:N" (the model is moved there).
         fast: predict at ``FAST_SPACING_FACTOR`` × the model spacing (module docstring: accuracy trade-off).
         overlap: window overlap in [0, 1); None takes model.json's ``inference.overlap``.
         tta: also predict the volume flipped along each axis and sum the logits (4 passes).
+        amp: mixed precision where the device computes it natively (``windows.amp_dtype``: bf16/fp16 on CUDA, bf16
+            on CPUs with AMX or AVX512-BF16); False: float32.
         keep_largest: True: keep only the largest connected component of every label; label names or values: of
             those; False: of the labels model.json's ``inference.keep_largest`` names (none if it names none).
         roi_lps: (min corner, max corner) in LPS mm: compute only there (labels are 0 outside).
@@ -143,7 +146,7 @@ def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *
     box, grid, volume = stage
     _check_cancel(cancel)
     started = time.perf_counter()
-    plan = windows.initial_plan(torch.device(device), sw_batch_size)
+    plan = windows.initial_plan(torch.device(device), sw_batch_size, amp)
     model.to(plan.device).eval()
     labels_model, plan, count, empty = windows.predict_labels(
         volume, model, roi=settings.roi_size, overlap=settings.overlap, blend=settings.blend,

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="predict at twice the model spacing (less accurate)")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over axis flips (4×)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed precision where the device computes it natively: bf16/fp16 on a GPU, bf16 on CPUs "
+                             "with AMX or AVX512-BF16 (default); --no-amp: float32 everywhere")
     parser.add_argument("--keep-largest", nargs="*", metavar="LABEL",
                         help="keep only the largest connected component (of every label, or of the named ones); "
                              "put it after the inputs")
@@ -75,6 +78,7 @@ class _Job:
     fast: bool
     overlap: float | None
     tta: bool
+    amp: bool
     keep_largest: bool | set[str]
     roi_lps: tuple | None
     cancel: Callable[[], bool]
@@ -93,7 +97,7 @@ def _run(args: argparse.Namespace, emitter: Emitter, cancel: Callable[[], bool])
         keep_freed_memory()
     folder = registry.resolve_model(args.model)
     model, info = load_package(folder, "cpu")
-    job = _Job(model, info, device, args.fast, args.overlap, args.tta,
+    job = _Job(model, info, device, args.fast, args.overlap, args.tta, args.amp,
                False if args.keep_largest is None else (set(args.keep_largest) or True),
                None if args.roi is None else _ras_box_to_lps(args.roi), cancel)
     cases, warnings = [], []
@@ -127,8 +131,8 @@ def _segment_one(source: Path, target: Path, job: _Job, emitter: Emitter, prefix
                           f"{'×'.join(f'{s:.3g}' for s in image.GetSpacing())} mm")
     report: dict = {}
     labels = segment_volume(image, job.model, job.info, device=job.device, fast=job.fast, overlap=job.overlap,
-                            tta=job.tta, keep_largest=job.keep_largest, roi_lps=job.roi_lps, progress=progress,
-                            cancel=job.cancel, warn=warn, report=report)
+                            tta=job.tta, amp=job.amp, keep_largest=job.keep_largest, roi_lps=job.roi_lps,
+                            progress=progress, cancel=job.cancel, warn=warn, report=report)
     del image
     timings.update(report["timings_s"])
     if job.cancel():

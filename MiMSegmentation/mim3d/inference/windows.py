@@ -1,7 +1,8 @@
 """Sliding-window prediction in model space: MONAI ``sliding_window_inference`` with Gaussian blending, argmax to
-uint8 per slab, flips for test-time augmentation, a smaller window batch and then the CPU after a GPU out-of-memory
-error, and a cancel check before every window batch. A window holding nothing but zeros (air below the intensity
-window, or padding) always gets the same answer, so all such windows share one forward pass: exact, and free.
+uint8 per slab, mixed precision where the hardware has it (``amp_dtype``), flips for test-time augmentation, a
+smaller window batch and then the CPU after a GPU out-of-memory error, and a cancel check before every window batch.
+A window holding nothing but zeros (air below the intensity window, or padding) always gets the same answer, so all
+such windows share one forward pass: exact, and free.
 
 Memory: the blended logits (float32, one channel per class) exist only for one slab of the model-space volume at a
 time; a slab is as deep along K as ``LOGITS_BUDGET_BYTES`` allows (the whole volume for the usual few-class models),
@@ -29,28 +30,52 @@ TTA_FLIPS = ((), (2,), (3,), (4,))  # identity and one flip per axis of (B, C, I
 CUDA_BATCH_SIZES = ((40e9, 8), (20e9, 4), (10e9, 2))  # free GPU bytes -> windows per forward pass; else 1
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for inference on ``device``, None for float32.
+
+    CUDA: bf16 where the GPU has it, else fp16. CPU: bf16 where the CPU computes it natively (AMX or AVX512-BF16
+    units, e.g. Xeon Sapphire Rapids and later, Zen 4 and later), where oneDNN's bf16 3-D convolutions run a
+    mim-unetr window about twice as fast as float32 (docs/BENCHMARKS.md); float32 on every other CPU, where bf16
+    would be emulated and slower.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)()
+                                    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+        return torch.bfloat16
+    return None
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Where the network runs (``device``), how many windows per pass, and where the blended logits accumulate."""
+    """Where the network runs (``device``), how many windows per pass, where the blended logits accumulate, and
+    whether it runs in mixed precision where the device has a fast lower precision (``amp``, see ``amp_dtype``)."""
 
     device: torch.device
     sw_batch_size: int
     output_device: torch.device
+    amp: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward passes; None: float32."""
+        return amp_dtype(self.device) if self.amp else None
 
     def describe(self) -> str:
         where = self.device.type if self.output_device == self.device else f"{self.device.type}, output on cpu"
-        return f"{where}, {self.sw_batch_size} window(s) per pass"
+        precision = str(self.dtype).removeprefix("torch.") if self.dtype else "float32"
+        return f"{where}, {self.sw_batch_size} window(s) per pass, {precision}"
 
 
-def initial_plan(device: torch.device, sw_batch_size: int | None = None) -> Plan:
+def initial_plan(device: torch.device, sw_batch_size: int | None = None, amp: bool = True) -> Plan:
     """Start plan: on CUDA the window batch follows the free GPU memory (``CUDA_BATCH_SIZES``), on CPU 1 (a larger
-    batch gives a CPU no speed, only memory)."""
+    batch gives a CPU no speed, only memory); ``amp`` as in ``Plan``."""
     if sw_batch_size is None:
         sw_batch_size = 1
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             sw_batch_size = next((n for need, n in CUDA_BATCH_SIZES if free >= need), 1)
-    return Plan(device, int(sw_batch_size), device)
+    return Plan(device, int(sw_batch_size), device, amp)
 
 
 def fallback(plan: Plan) -> Plan | None:
@@ -62,7 +87,7 @@ def fallback(plan: Plan) -> Plan | None:
     if plan.output_device.type == "cuda":
         return replace(plan, output_device=cpu)
     if plan.device.type == "cuda":
-        return Plan(cpu, 1, cpu)
+        return Plan(cpu, 1, cpu, plan.amp)
     return None
 
 
@@ -164,11 +189,11 @@ def _blended_logits(x: torch.Tensor, model, roi, overlap, blend, plan: Plan, fli
         counter.before()
         if not window.any():  # nothing but air (and padding): the answer to an all-zero window is always the same
             if counter.empty_output is None or counter.empty_output.shape[2:] != window.shape[2:]:
-                counter.empty_output = _forward(model, torch.zeros_like(window[:1]), plan.device)
+                counter.empty_output = _forward(model, torch.zeros_like(window[:1]), plan)
             out = counter.empty_output.repeat(window.shape[0], 1, 1, 1, 1)  # a copy: MONAI weights it in place
             counter.empty += window.shape[0]
         else:
-            out = _forward(model, window, plan.device)
+            out = _forward(model, window, plan)
         counter.after(window.shape[0])
         return out
 
@@ -184,8 +209,9 @@ def _blended_logits(x: torch.Tensor, model, roi, overlap, blend, plan: Plan, fli
     return total
 
 
-def _forward(model, window: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with _autocast(device):
+def _forward(model, window: torch.Tensor, plan: Plan) -> torch.Tensor:
+    dtype = plan.dtype
+    with torch.autocast(plan.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         return model(window).float()
 
 
@@ -194,10 +220,3 @@ def _argmax_uint8(logits: torch.Tensor) -> np.ndarray:
     gives the same first-maximum indices as ``argmax``, about 10× faster over the leading dimension on a CPU.)"""
     return torch.max(logits, dim=0).indices.to(torch.uint8).cpu().numpy()
 
-
-def _autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, else fp16; none on the CPU (there fp32 is the fast path for 3-D convs)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
