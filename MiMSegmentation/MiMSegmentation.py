@@ -65,6 +65,7 @@ class MiMSegmentationParameterNode:
     fastMode: bool = False
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     tta: bool = False
+    mixedPrecision: bool = True
     roi: vtkMRMLMarkupsROINode
 
 
@@ -263,7 +264,7 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             self.job = self.logic.startSegmentation(
                 p.inputVolume, p.modelId, device=p.device, fast=p.fastMode, overlap=p.overlap, tta=p.tta,
-                roi=p.roi, outputSegmentation=p.outputSegmentation, show3D=p.show3D,
+                amp=p.mixedPrecision, roi=p.roi, outputSegmentation=p.outputSegmentation, show3D=p.show3D,
                 onEvent=self.onWorkerEvent, onLog=self.ui.logTextEdit.appendPlainText,
                 onWorkerFinished=self.onWorkerFinished, onFinished=self.onSegmentationFinished)
             self.panel.start()
@@ -359,7 +360,7 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
         return job
 
     def segmentArgs(self, inputPath, outputPath, modelId, device="auto", fast=False, overlap=None, tta=False,
-                    roi=None, volume=None) -> list:
+                    amp=True, roi=None, volume=None) -> list:
         args = [str(inputPath), "--model", str(modelId), "--output", str(outputPath), "--device", device]
         if fast:
             args.append("--fast")
@@ -367,13 +368,15 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
             args += ["--overlap", f"{overlap:g}"]
         if tta:
             args.append("--tta")
+        if not amp:
+            args.append("--no-amp")
         if roi is not None:
             args += ["--roi", *(f"{c:.3f}" for c in mrml_bridge.roi_corners_ras(roi, volume))]
         return worker.worker_command("segment", args)
 
-    def startSegmentation(self, inputVolume, modelId, device="auto", fast=False, overlap=None, tta=False, roi=None,
-                          outputSegmentation=None, show3D=False, onEvent=None, onLog=None, onWorkerFinished=None,
-                          onFinished=None, schedule=None):
+    def startSegmentation(self, inputVolume, modelId, device="auto", fast=False, overlap=None, tta=False, amp=True,
+                          roi=None, outputSegmentation=None, show3D=False, onEvent=None, onLog=None,
+                          onWorkerFinished=None, onFinished=None, schedule=None):
         """Write the volume, start `mim3d segment` in a worker, import its labels when it ends. Returns the job.
 
         ``onWorkerFinished(outcome)`` is called when the worker ends (before the import), then
@@ -386,7 +389,7 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
         workDir = Path(slicer.util.tempDirectory("MiMSegmentation"))
         labelsPath = workDir / "labels.nrrd"
         inputPath = mrml_bridge.write_volume(inputVolume, workDir / "input.nrrd")
-        args = self.segmentArgs(inputPath, labelsPath, modelId, device, fast, overlap, tta, roi, inputVolume)
+        args = self.segmentArgs(inputPath, labelsPath, modelId, device, fast, overlap, tta, amp, roi, inputVolume)
         logging.info("MiMSegmentation: %s", " ".join(args))
 
         def finish(outcome):
