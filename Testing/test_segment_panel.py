@@ -249,7 +249,8 @@ def test_the_device_line_comes_from_a_real_devices_job(panel):
         gpu = result["cuda"][0]
         expected = f"GPU: {gpu['name']}, {gpu['free_mb'] / 1024:.1f} of {gpu['total_mb'] / 1024:.1f} GB free"
     else:
-        expected = f"CPU, {result['cpu_threads']} threads (no CUDA GPU found)"
+        bf16 = ", bf16" if result["cpu_bf16"] else ""
+        expected = f"CPU, {result['cpu_threads']} threads{bf16} (no CUDA GPU found)"
     assert panel.view(True, True).device == expected
 
 
@@ -259,6 +260,12 @@ def test_the_device_line_comes_from_a_real_devices_job(panel):
      "GPU: NVIDIA H100, 78.1 of 79.6 GB free"),
     (outcome(result={"type": "result", "torch": None, "recommended": "cpu", "cpu_threads": 4, "cuda": []}),
      "PyTorch is not installed."),
+    (outcome(result={"type": "result", "torch": "2.5.1", "recommended": "cpu", "cpu_threads": 8, "cuda": [],
+                     "cpu_bf16": True}),
+     "CPU, 8 threads, bf16 (no CUDA GPU found)"),
+    (outcome(result={"type": "result", "torch": "2.5.1", "recommended": "cpu", "cpu_threads": 4, "cuda": [],
+                     "cpu_bf16": False}),
+     "CPU, 4 threads (no CUDA GPU found)"),
     (outcome(returncode=1, message="ImportError: libcudart.so.12"),
      "Device check failed: ImportError: libcudart.so.12"),
 ])

@@ -258,6 +258,7 @@ def test_devices_reports_torch_and_the_cuda_gpus_it_can_use():
     assert outcome.ok and outcome.result["torch"] == torch.__version__
     assert outcome.result["cuda_build"] == torch.version.cuda
     assert 1 <= outcome.result["cpu_threads"] <= os.cpu_count()
+    assert outcome.result["cpu_bf16"] == devices.cpu_computes_bf16()
     gpus = outcome.result["cuda"]
     if not torch.cuda.is_available():
         assert (gpus, outcome.result["recommended"]) == ([], "cpu")
@@ -276,4 +277,4 @@ def test_devices_without_torch_lists_only_the_cpu(monkeypatch):
     devices.run(None, Emitter(stream))
     assert [parse_line(line) for line in stream.getvalue().splitlines()] == [{
         "type": "result", "torch": None, "cuda_build": None, "cuda": [], "recommended": "cpu",
-        "cpu_threads": os.cpu_count()}]
+        "cpu_threads": os.cpu_count(), "cpu_bf16": False}]

@@ -216,4 +216,5 @@ def _device_line(outcome: JobOutcome) -> str:
     if result.get("recommended") == "cuda" and result.get("cuda"):
         gpu = result["cuda"][0]
         return f"GPU: {gpu['name']}, {gpu['free_mb'] / 1024:.1f} of {gpu['total_mb'] / 1024:.1f} GB free"
-    return f"CPU, {result.get('cpu_threads', '?')} threads (no CUDA GPU found)"
+    bf16 = ", bf16" if result.get("cpu_bf16") else ""
+    return f"CPU, {result.get('cpu_threads', '?')} threads{bf16} (no CUDA GPU found)"

@@ -22,6 +22,7 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
+from ..devices import cpu_computes_bf16
 from ..errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)()
-                                    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+    if device.type == "cpu" and cpu_computes_bf16():
         return torch.bfloat16
     return None
 
