@@ -36,7 +36,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
     CUDA: bf16 where the GPU has it, else fp16. CPU: bf16 where the CPU computes it natively (AMX or AVX512-BF16
     units, e.g. Xeon Sapphire Rapids and later, Zen 4 and later), where oneDNN's bf16 3-D convolutions run a
-    mim-unetr window about twice as fast as float32 (docs/BENCHMARKS.md); float32 on every other CPU, where bf16
+    mim-unetr window 1.8-2.2× as fast as float32 (docs/BENCHMARKS.md); float32 on every other CPU, where bf16
     would be emulated and slower.
     """
     if device.type == "cuda":
