@@ -86,6 +86,16 @@ def _parse(path: Path) -> tuple[ast.Module | None, str | None]:
         return None, f"{path}: line {e.lineno}: {e.msg} (the host Python cannot parse it)"
 
 
+def _parsed(files: Iterable[Path], problems: list[str]) -> Iterator[tuple[Path, ast.Module]]:
+    """(path, syntax tree) of each file that parses; a file that does not adds its problem instead."""
+    for path in files:
+        tree, error = _parse(path)
+        if tree is None:
+            problems.append(error)
+        else:
+            yield path, tree
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # a. Python 3.12 byte-compilation
 
@@ -196,11 +206,7 @@ def _base_names(cls: ast.ClassDef) -> list[str]:
 def check_removed_modules(files: Iterable[Path]) -> list[str]:
     """No ``imp`` or ``distutils`` anywhere (both were removed in Python 3.12, Slicer 5.10's Python)."""
     problems = []
-    for path in files:
-        tree, error = _parse(path)
-        if tree is None:
-            problems.append(error)
-            continue
+    for path, tree in _parsed(files, problems):
         for name, line in all_imports(tree):
             if name.split(".")[0] in REMOVED_IN_312:
                 problems.append(f"{path}: line {line}: imports {name}, which Python 3.12 (Slicer 5.10+) no longer has")
@@ -247,11 +253,7 @@ def check_module_file(module_dir: Path, heavy: Sequence[str] = ALWAYS_HEAVY) -> 
 def check_no_heavy_module_level_imports(files: Iterable[Path], heavy: Sequence[str]) -> list[str]:
     """No module-level import of a heavy package, even one guarded by try/except."""
     problems = []
-    for path in files:
-        tree, error = _parse(path)
-        if tree is None:
-            problems.append(error)
-            continue
+    for path, tree in _parsed(files, problems):
         for imported, line in module_level_imports(tree):
             if imported.split(".")[0] in heavy:
                 problems.append(f"{path}: line {line}: imports {imported} at module level; import it inside the "
