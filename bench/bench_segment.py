@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="skip the 512×512×300 memory measurement")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all runs; times are the median")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give at least 1 round")
     device = torch.device(args.device)
     allocator_tuned = keep_freed_memory() if device.type == "cpu" else False
     if args.model:
