@@ -1,8 +1,8 @@
 """MiMPretrain: pre-train (MiM, MAE, SimMIM) and fine-tune from Slicer; watch, stop, resume and reuse the runs.
 
 Thin by design: runs are `mim3d pretrain|finetune` workers started detached (they outlive the panel and a Slicer
-restart) by MiMSegmentationLib.training_runs; the panel reads only the run folders (training_runs.RunWatcher) and
-decides what it shows with training_panel.TrainingPanel; scene data is exported by mrml_bridge; curves are MRML plot
+restart) by MiMPretrainLib.training_runs; the panel reads only the run folders (training_runs.RunWatcher) and
+decides what it shows with training_panel.TrainingPanel; scene data is exported by scene_export; curves are MRML plot
 charts (plots). torch is never imported in Slicer's own process.
 """
 
@@ -27,9 +27,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from mim3d.labels import Label, LabelTable, from_dataset_json
-from MiMSegmentationLib import mrml_bridge, plots, training_runs, worker
-from MiMSegmentationLib.training_panel import TrainingPanel, TrainingState
-from MiMSegmentationLib.training_settings import (
+from MiMPretrainLib import plots, scene_export, training_runs
+from MiMPretrainLib.training_panel import TrainingPanel, TrainingState
+from MiMPretrainLib.training_settings import (
     ARCHS,
     DEVICES,
     METHOD_NOTES,
@@ -41,6 +41,7 @@ from MiMSegmentationLib.training_settings import (
     preview_args,
     summarize_preview,
 )
+from MiMSegmentationLib import worker
 
 DATA_SOURCES = ("images + labels folders", "dataset.json", "folder of .seg.nrrd", "segmentations in the scene")
 # scanFolders: a list edited with the Add/Remove buttons; activeRun: the run the panel follows (re-attached on load).
@@ -466,7 +467,7 @@ class MiMPretrainLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Segmentation '{name}' has no source volume: choose it in the Segment Editor "
                                    "first.").format(name=node.GetName()))
             cases.append((volume, node))
-        return mrml_bridge.export_training_data(cases, self.dataFolder(runFolder))
+        return scene_export.export_training_data(cases, self.dataFolder(runFolder))
 
     @staticmethod
     def labelsOfSource(parameters, segmentationNodes) -> LabelTable:
@@ -480,7 +481,7 @@ class MiMPretrainLogic(ScriptedLoadableModuleLogic):
             with open(optionalPath(parameters.datasetFile), encoding="utf-8") as f:
                 return from_dataset_json(json.load(f), optionalPath(parameters.datasetFile))
         if source == 3 and segmentationNodes:
-            return mrml_bridge.label_table_of_segmentations(segmentationNodes)
+            return scene_export.label_table_of_segmentations(segmentationNodes)
         raise ValueError(_("No labels to read: choose a label table file, a dataset.json, or scene segmentations "
                            "(a folder of .seg.nrrd files names its labels itself)."))
 

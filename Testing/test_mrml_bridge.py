@@ -20,11 +20,9 @@ from mrml_scene import headless_scene
 from volume_helpers import OBLIQUE
 
 from mim3d.labels import Label, LabelTable
+from MiMPretrainLib.scene_export import export_training_case, export_training_data, label_table_from_segmentation
 from MiMSegmentationLib.mrml_bridge import (
-    export_training_case,
-    export_training_data,
     import_labels,
-    label_table_from_segmentation,
     roi_corners_ras,
     segment_voxel_counts,
     terminology_entry,

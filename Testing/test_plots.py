@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import slicer
 
-from MiMSegmentationLib import plots
+from MiMPretrainLib import plots
 
 
 @pytest.fixture

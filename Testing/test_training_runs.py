@@ -1,4 +1,4 @@
-"""The training panel's logic (MiMSegmentationLib.training_settings, training_runs, training_panel) on real detached
+"""The training panel's logic (MiMPretrainLib.training_settings, training_runs, training_panel) on real detached
 `mim3d pretrain` / `mim3d finetune` workers: settings become the exact command lines, a launched run is watched
 through its folder while its metrics arrive, stopped with its STOP file, resumed and finished; a fresh watcher
 re-attaches; bad input and a killed worker read as failed; a finished fine-tuning run is installed as a model, and a
@@ -26,13 +26,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import MiMPretrainLib
 from mim3d import registry
 from mim3d.__main__ import COMMANDS, main
 from mim3d.errors import BadInputError
 from mim3d.protocol import parse_line
 from mim3d.runs import RunDir, read_metrics, write_json_atomic
-from MiMSegmentationLib.training_panel import TrainingPanel, TrainingState, TrainingView
-from MiMSegmentationLib.training_runs import (
+from MiMPretrainLib.training_panel import TrainingPanel, TrainingState, TrainingView
+from MiMPretrainLib.training_runs import (
     RunSnapshot,
     RunWatcher,
     launch_dir,
@@ -45,7 +46,7 @@ from MiMSegmentationLib.training_runs import (
     stop_run,
     tail_lines,
 )
-from MiMSegmentationLib.training_settings import (
+from MiMPretrainLib.training_settings import (
     METHOD_NOTES,
     FinetuneSettings,
     PretrainSettings,
@@ -54,6 +55,14 @@ from MiMSegmentationLib.training_settings import (
     summarize_preview,
 )
 from MiMSegmentationLib.worker import WorkerJob, worker_command, worker_env
+
+
+def pretrain_lib_env() -> dict[str, str]:
+    """worker_env() with MiMPretrainLib importable too (Slicer puts both module folders on sys.path)."""
+    env = worker_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(MiMPretrainLib.__file__).parent.parent), env["PYTHONPATH"]])
+    return env
+
 
 TIMEOUT_S = 120
 MIM_TINY = ("input_size=32", "embed_dims=[6,12,24,48]", "depths=[1,1,1,1]", "num_heads=4", "decoder_dim=24",
@@ -246,10 +255,10 @@ def test_launch_with_an_empty_data_folder_reads_as_failed_with_the_workers_messa
 def test_run_outlives_the_process_that_launched_it_and_a_kill_reads_as_failed(tmp_path, scans, cache, workers):
     out = tmp_path / "runs" / "killed"
     settings = pretrain_settings(scans, out, cache, max_steps=400)
-    code = ("import sys; from MiMSegmentationLib.training_runs import start_run; "
+    code = ("import sys; from MiMPretrainLib.training_runs import start_run; "
             f"print(start_run('pretrain', sys.argv[1:], {str(out)!r}))")
     launcher = subprocess.run([sys.executable, "-c", code, *settings.to_args()], capture_output=True, text=True,
-                              env=worker_env(), timeout=TIMEOUT_S)  # as Slicer closed right after Start
+                              env=pretrain_lib_env(), timeout=TIMEOUT_S)  # as Slicer closed right after Start
     assert launcher.returncode == 0, launcher.stderr
     pid = int(launcher.stdout)
     workers.append(pid)
@@ -609,7 +618,7 @@ def test_resuming_a_folder_that_is_not_a_run_is_refused(tmp_path):
 
 def test_panel_modules_import_without_torch_numpy_or_simpleitk():
     code = ("import sys\nfor name in ('torch', 'numpy', 'SimpleITK', 'qt', 'slicer'): sys.modules[name] = None\n"
-            "import MiMSegmentationLib.training_panel, MiMSegmentationLib.training_runs\n"
-            "import MiMSegmentationLib.training_settings\nprint('ok')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env())
+            "import MiMPretrainLib.training_panel, MiMPretrainLib.training_runs\n"
+            "import MiMPretrainLib.training_settings\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=pretrain_lib_env())
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr

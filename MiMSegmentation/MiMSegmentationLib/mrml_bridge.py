@@ -15,10 +15,6 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +24,7 @@ import numpy as np
 import slicer
 import vtk
 
-from mim3d.labels import Label, LabelTable, from_segment_names
+from mim3d.labels import Label, LabelTable
 
 # Equal to mim3d.inference.output.TERMINOLOGY_CONTEXT (not imported: that module needs SimpleITK), so segments made
 # here and segments of our .seg.nrrd files carry the same terminology entry.
@@ -39,7 +35,6 @@ WRITE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 # A label file lies on the reference grid when every voxel centre is this close to the reference's (in voxels of the
 # smallest spacing); covers the float32 rounding of NIfTI headers, refuses any real shift, flip or rotation.
 GRID_TOLERANCE_VOXELS = 0.01
-TRAINING_FILES = ("imagesTr", "labelsTr", "labels.json")
 
 
 # ---- volumes ------------------------------------------------------------------------------------------------------
@@ -66,7 +61,7 @@ def write_volume(volume_node: Any, path: str | Path) -> Path:
     return path
 
 
-def _ijk_to_ras(volume_node: Any) -> np.ndarray:
+def ijk_to_ras(volume_node: Any) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     return slicer.util.arrayFromVTKMatrix(matrix)
@@ -86,7 +81,7 @@ def _in_reference_order(path: Path, labels: Any, reference_volume: Any) -> np.nd
         ValueError: another size, or voxels more than GRID_TOLERANCE_VOXELS away from the reference's.
     """
     file_dims, reference_dims = labels.GetImageData().GetDimensions(), reference_volume.GetImageData().GetDimensions()
-    file_matrix, reference_matrix = _ijk_to_ras(labels), _ijk_to_ras(reference_volume)
+    file_matrix, reference_matrix = ijk_to_ras(labels), ijk_to_ras(reference_volume)
     axes = np.round(np.linalg.solve(reference_matrix, file_matrix)[:3, :3])  # file IJK axis -> reference IJK axis
     if not (set(np.abs(axes).ravel()) <= {0, 1} and (np.abs(axes).sum(0) == 1).all()
             and (np.abs(axes).sum(1) == 1).all()):
@@ -134,7 +129,7 @@ def _read_labelmap(path: Path, reference_volume: Any, label_table: LabelTable) -
         raise ValueError(f"{path}: holds values {shown} that are not in the label table "
                          f"({label_table.describe()}); the labels and the table do not belong together.")
     # Within GRID_TOLERANCE_VOXELS: take the reference's matrix so the import never resamples.
-    labels.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(_ijk_to_ras(reference_volume)))
+    labels.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_volume)))
     slicer.util.updateVolumeFromArray(labels, array.astype(np.uint8))
     return labels
 
@@ -142,7 +137,7 @@ def _read_labelmap(path: Path, reference_volume: Any, label_table: LabelTable) -
 # ---- scene housekeeping -------------------------------------------------------------------------------------------
 
 @contextmanager
-def _scene_rollback(scene: Any, keep_on_success: bool = False) -> Iterator[None]:
+def scene_rollback(scene: Any, keep_on_success: bool = False) -> Iterator[None]:
     """Remove the nodes the block adds to ``scene``: always, or with ``keep_on_success`` only when it raises."""
     before = {node.GetID() for node in scene.GetNodes()}
     succeeded = False
@@ -156,14 +151,14 @@ def _scene_rollback(scene: Any, keep_on_success: bool = False) -> Iterator[None]
                     scene.RemoveNode(node)
 
 
-def _string_array(texts: Sequence[str]) -> Any:
+def string_array(texts: Sequence[str]) -> Any:
     array = vtk.vtkStringArray()
     for text in texts:
         array.InsertNextValue(text)
     return array
 
 
-def _segment_ids(segmentation_node: Any) -> list[str]:
+def segment_ids(segmentation_node: Any) -> list[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
@@ -232,7 +227,7 @@ def _terminology_from_entry(entry: str) -> dict[str, Any] | None:
     return terminology
 
 
-def _segment_terminology(segment: Any) -> dict[str, Any] | None:
+def segment_terminology(segment: Any) -> dict[str, Any] | None:
     entry = vtk.reference("")
     if not segment.GetTag(segment.GetTerminologyEntryTagName(), entry):
         return None
@@ -261,7 +256,7 @@ def import_labels(label_path: str | Path, reference_volume: Any, label_table: La
     labels = _read_labelmap(label_path, reference_volume, label_table)
     entries = {label.name: terminology_entry(label) for label in label_table}
     scene = reference_volume.GetScene()
-    with _scene_rollback(scene, keep_on_success=True):
+    with scene_rollback(scene, keep_on_success=True):
         node = segmentation_node
         if node is None:
             name = name or f"{reference_volume.GetName()} segmentation"
@@ -298,7 +293,7 @@ def _fill_segments(node: Any, labels: Any, reference_volume: Any, label_table: L
     for label in label_table:
         segmentation.AddEmptySegment(label.name, label.name, [c / 255 for c in label.color])
     # Label value v goes to the (v-1)-th ID; "" for the values between table values, which the check kept out.
-    ids = _string_array([label.name if (label := label_table.by_value(value)) else ""
+    ids = string_array([label.name if (label := label_table.by_value(value)) else ""
                          for value in range(1, max(label_table.values) + 1)])
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, node, ids):
         raise RuntimeError(f"{label_path}: Slicer could not import the label map into '{node.GetName()}'.")
@@ -318,10 +313,10 @@ def segment_voxel_counts(segmentation_node: Any, reference_volume: Any) -> dict[
     """Voxels of each segment (by name) on ``reference_volume``'s grid."""
     segmentation = segmentation_node.GetSegmentation()
     # arrayFromSegmentBinaryLabelmap leaves a labelmap display node in the scene on every call.
-    with _scene_rollback(segmentation_node.GetScene()):
+    with scene_rollback(segmentation_node.GetScene()):
         return {segmentation.GetSegment(segment_id).GetName(): int(np.count_nonzero(
             slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume)))
-            for segment_id in _segment_ids(segmentation_node)}
+            for segment_id in segment_ids(segmentation_node)}
 
 
 def roi_corners_ras(roi_node: Any, volume_node: Any) -> tuple[float, float, float, float, float, float]:
@@ -347,147 +342,3 @@ def roi_corners_ras(roi_node: Any, volume_node: Any) -> tuple[float, float, floa
     low = [min(c[i] for c in corners) for i in range(3)]
     high = [max(c[i] for c in corners) for i in range(3)]
     return (*low, *high)
-
-
-# ---- segmentation -> training data --------------------------------------------------------------------------------
-
-def label_table_from_segmentation(segmentation_node: Any) -> LabelTable:
-    """The segments as a label table: values 1..N in segment order, names, colours 0..255, terminology if tagged.
-
-    Raises:
-        ValueError: no segments, or segment names that cannot form a table (repeated, empty, more than 255).
-    """
-    ids = _segment_ids(segmentation_node)
-    if not ids:
-        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments; add and paint at least one.")
-    segments = [segmentation_node.GetSegmentation().GetSegment(segment_id) for segment_id in ids]
-    return from_segment_names([segment.GetName() for segment in segments],
-                              [tuple(round(c * 255) for c in segment.GetColor()) for segment in segments],
-                              [_segment_terminology(segment) for segment in segments],
-                              source=f"segmentation '{segmentation_node.GetName()}'")
-
-
-def _training_labels(volume_node: Any, segmentation_node: Any, label_table: LabelTable) -> np.ndarray:
-    """The segmentation as a (K, J, I) uint8 array of table values on ``volume_node``'s grid."""
-    segmentation = segmentation_node.GetSegmentation()
-    ids = _segment_ids(segmentation_node)
-    if not ids:
-        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments; add and paint at least one.")
-    values = []
-    for segment_id in ids:
-        label = label_table.by_name(segmentation.GetSegment(segment_id).GetName())
-        if label is None:
-            raise ValueError(f"segmentation '{segmentation_node.GetName()}': segment "
-                             f"'{segmentation.GetSegment(segment_id).GetName()}' is not in the label table "
-                             f"({label_table.describe()}); rename the segment or add the label.")
-        values.append(label.value)
-    scene = segmentation_node.GetScene()
-    with _scene_rollback(scene):  # the export adds the labelmap, its display node and a colour table
-        exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, _string_array(ids), exported, volume_node,
-                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-            raise RuntimeError(f"Slicer could not export segmentation '{segmentation_node.GetName()}' on the grid of "
-                               f"volume '{volume_node.GetName()}'.")
-        order = slicer.util.arrayFromVolume(exported)  # the i-th exported segment has value i + 1
-    labels = np.array([0, *values], dtype=np.uint8)[order]
-    if not labels.any():
-        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no painted voxels inside volume "
-                         f"'{volume_node.GetName()}'.")
-    return labels
-
-
-def export_training_case(volume_node: Any, segmentation_node: Any, image_path: str | Path, label_path: str | Path,
-                         label_table: LabelTable) -> None:
-    """Write the volume to ``image_path`` and its segmentation as a uint8 label map on exactly the same grid.
-
-    A segment's voxels get the value of the table label with the segment's name.
-
-    Raises:
-        ValueError: no segments, no painted voxels, a segment name not in the table, or (write_volume) a volume
-            without image data or an unknown suffix.
-    """
-    labels_kji = _training_labels(volume_node, segmentation_node, label_table)
-    write_volume(volume_node, image_path)
-    label_node = slicer.vtkMRMLLabelMapVolumeNode()
-    label_node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(_ijk_to_ras(volume_node)))
-    slicer.util.updateVolumeFromArray(label_node, labels_kji)
-    write_volume(label_node, label_path)
-
-
-def _case_names(volume_names: Sequence[str]) -> list[str]:
-    """File-safe (ASCII letters, digits, "_", "-"), unique even where case is ignored; "case" for nothing left."""
-    names: list[str] = []
-    for volume_name in volume_names:
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", volume_name).strip("_-") or "case"
-        name, n = base, 1
-        while name.lower() in {taken.lower() for taken in names}:
-            n += 1
-            name = f"{base}_{n}"
-        names.append(name)
-    return names
-
-
-def label_table_of_segmentations(segmentation_nodes: Sequence[Any]) -> LabelTable:
-    """One table for several segmentations (the training data's): segments by name in order of first appearance,
-    numbered 1..N; colour and terminology from the first segment of that name."""
-    first: dict[str, Label] = {}
-    for table in map(label_table_from_segmentation, segmentation_nodes):
-        for label in table:
-            first.setdefault(label.name, label)
-    return from_segment_names(list(first), [label.color for label in first.values()],
-                              [label.terminology for label in first.values()], source="training segmentations")
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: is a file; choose a folder for the training data.")
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in TRAINING_FILES) if out_dir.exists() else []
-    if others:
-        raise ValueError(f"{out_dir}: already holds other files ({', '.join(others[:5])}); choose a new or empty "
-                         "folder (only a previous export there is replaced).")
-
-
-def export_training_data(cases: Sequence[tuple[Any, Any]], out_dir: str | Path) -> dict[str, Any]:
-    """Write (volume, segmentation) pairs as a ``mim3d finetune --images --labels`` data set in ``out_dir``.
-
-    Layout: imagesTr/<case>.nrrd, labelsTr/<case>.nrrd (same names), labels.json (segments merged by name across
-    cases, values 1..N in order of first appearance). Case names come from the volume names, made file-safe and
-    unique. All is written to a temporary folder beside ``out_dir`` and renamed into place; a failure leaves
-    ``out_dir`` as it was. An existing ``out_dir`` must be empty or hold only a previous export, which is replaced.
-
-    Returns:
-        {"images": Path, "labels": Path, "label_table": Path, "cases": [case names in input order]}.
-
-    Raises:
-        ValueError: no cases, ``out_dir`` holds other files, or a case cannot be exported (export_training_case).
-    """
-    out_dir = Path(out_dir)
-    if not cases:
-        raise ValueError("no training cases: give at least one (volume, segmentation) pair.")
-    _check_replaceable(out_dir)
-    table = label_table_of_segmentations([segmentation for _, segmentation in cases])
-    names = _case_names([volume.GetName() for volume, _ in cases])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    previous = staging.with_name(staging.name + "-previous")
-    try:
-        for folder in TRAINING_FILES[:2]:
-            (staging / folder).mkdir()
-        for (volume, segmentation), name in zip(cases, names, strict=True):
-            export_training_case(volume, segmentation, staging / "imagesTr" / f"{name}.nrrd",
-                                 staging / "labelsTr" / f"{name}.nrrd", table)
-        table.save(staging / "labels.json")
-        if out_dir.exists():  # moved aside first: os.replace cannot overwrite a folder on Windows
-            os.replace(out_dir, previous)
-        try:
-            os.replace(staging, out_dir)
-        except OSError:
-            if previous.exists():
-                os.replace(previous, out_dir)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
-    return {"images": out_dir / "imagesTr", "labels": out_dir / "labelsTr", "label_table": out_dir / "labels.json",
-            "cases": names}

@@ -49,9 +49,9 @@ from mim3d.runs import (
     request_stop,
     write_json_atomic,
 )
+from MiMSegmentationLib.worker import worker_command, worker_env
 
 from .training_settings import format_duration, resume_args
-from .worker import worker_command, worker_env
 
 LOG_TAIL_LINES = 20
 TAIL_BYTES = 16384  # how much of the end of events.jsonl is searched for the worker's last event
