@@ -27,6 +27,7 @@ from slicer_static import (
     check_removed_modules,
     check_requirements,
     check_ui,
+    check_widget_connections,
     find_python312,
     glue_packages,
     image_kind,
@@ -114,6 +115,12 @@ def test_ui_file_matches_the_module_code(module: str) -> None:
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_every_widget_the_user_changes_re_evaluates_the_form(module: str) -> None:
+    problems = check_widget_connections(ROOT / module)
+    assert not problems, report(problems)
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_cmake_lists_name_every_module_file(module: str) -> None:
     problems = check_module_cmake(ROOT / module)
     assert not problems, report(problems)
@@ -150,6 +157,7 @@ DEMO_MODULE = '''\
 import logging
 
 import slicer
+import vtk
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -181,6 +189,17 @@ class DemoWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         self.ui = slicer.util.childWidgetVariables(slicer.util.loadUI(self.resourcePath("UI/Demo.ui")))
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.segmentationsSelector.connect("checkedNodesChanged()", self.updateGUI)
+        self.setParameterNode(DemoLogic().getParameterNode())
+
+    def setParameterNode(self, parameterNode):
+        self._parameterNode = parameterNode
+        self._parameterNode.connectGui(self.ui)
+        self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None):
+        self.ui.applyButton.enabled = bool(self.ui.segmentationsSelector.checkedNodes())
 
     def onApply(self):
         logging.info(describe(self.ui.inputSelector.currentNode()), NAMES)
@@ -219,6 +238,9 @@ DEMO_UI = '''\
     </widget>
    </item>
    <item>
+    <widget class="qMRMLCheckableNodeComboBox" name="segmentationsSelector"/>
+   </item>
+   <item>
     <widget class="QPushButton" name="applyButton"/>
    </item>
   </layout>
@@ -228,6 +250,11 @@ DEMO_UI = '''\
    <class>ctkSliderWidget</class>
    <extends>QWidget</extends>
    <header>ctkSliderWidget.h</header>
+  </customwidget>
+  <customwidget>
+   <class>qMRMLCheckableNodeComboBox</class>
+   <extends>qMRMLNodeComboBox</extends>
+   <header>qMRMLCheckableNodeComboBox.h</header>
   </customwidget>
   <customwidget>
    <class>qMRMLNodeComboBox</class>
@@ -246,6 +273,12 @@ DEMO_UI = '''\
    <sender>Demo</sender>
    <signal>mrmlSceneChanged(vtkMRMLScene*)</signal>
    <receiver>inputSelector</receiver>
+   <slot>setMRMLScene(vtkMRMLScene*)</slot>
+  </connection>
+  <connection>
+   <sender>Demo</sender>
+   <signal>mrmlSceneChanged(vtkMRMLScene*)</signal>
+   <receiver>segmentationsSelector</receiver>
    <slot>setMRMLScene(vtkMRMLScene*)</slot>
   </connection>
  </connections>
@@ -381,6 +414,7 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
     "heavy imports": lambda root: check_no_heavy_module_level_imports(glue_files(root / "Demo"), DEMO_HEAVY),
     "light import": lambda root: light_import_problems(root, root / "Demo", ["Demo"]),
     "ui": lambda root: check_ui(root / "Demo"),
+    "widget connections": lambda root: check_widget_connections(root / "Demo"),
     "module cmake": lambda root: check_module_cmake(root / "Demo"),
     "extension cmake": lambda root: check_extension_cmake(
         root, next((root / "Resources" / "ExtensionsIndex").glob("*.json")), ["Demo"]),
@@ -404,6 +438,7 @@ def _rewrite_index_entry(root: Path, old: str, new: str) -> None:
 
 
 M = "Demo/Demo.py"
+SELECTOR = 'self.ui.segmentationsSelector.connect("checkedNodesChanged()", self.updateGUI)'
 UI = "Demo/Resources/UI/Demo.ui"
 MODULE_CMAKE = "Demo/CMakeLists.txt"
 SCREENSHOT = f'"{RAW}/Resources/Screenshots/1.png"'
@@ -473,6 +508,40 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str]] = {
         lambda r: edit(r / UI, "<receiver>inputSelector</receiver>", "<receiver>thresholdSlider</receiver>"), "ui",
         "qMRMLNodeComboBox inputSelector gets no scene"),
     "malformed .ui": (lambda r: edit(r / UI, "</customwidgets>", ""), "ui", "not well-formed XML"),
+    "checkable selector that nothing hears (issue 16 item 6)": (
+        lambda r: edit(r / M, f"        {SELECTOR}\n", ""), "widget connections",
+        "qMRMLCheckableNodeComboBox segmentationsSelector: the user can change it, but nothing hears it; connect "
+        'self.ui.segmentationsSelector.connect("checkedNodesChanged()"'),
+    "checkable selector heard through a signal that ticking does not send": (
+        lambda r: edit(r / M, '"checkedNodesChanged()"', '"currentNodeChanged(vtkMRMLNode*)"'), "widget connections",
+        "segmentationsSelector: the user can change it, but it is connected only through currentNodeChanged"),
+    "slot that never re-evaluates the form": (
+        lambda r: edit(r / M, SELECTOR, SELECTOR.replace("self.updateGUI", "self.onApply")), "widget connections",
+        "segmentationsSelector: the user can change it, but its slot never re-evaluates the form"),
+    "bound widgets without a parameter-node observer": (
+        lambda r: edit(r / M, "        self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, "
+                              "self.updateGUI)\n", ""), "widget connections",
+        "ctkSliderWidget thresholdSlider: the user can change it, but it is bound to 'threshold', but the widget does "
+        "not re-evaluate the form"),
+    "parameter-node observer that re-evaluates nothing": (
+        lambda r: edit(r / M, "self.ui.applyButton.enabled =", "self.ui.applyButton.toolTip ="), "widget connections",
+        "qMRMLNodeComboBox inputSelector: the user can change it, but it is bound to 'inputVolume'"),
+    "binding on a widget Slicer cannot bind": (
+        lambda r: edit(r / UI, '<widget class="qMRMLCheckableNodeComboBox" name="segmentationsSelector"/>',
+                       '<widget class="qMRMLCheckableNodeComboBox" name="segmentationsSelector"><property '
+                       'name="SlicerParameterName" stdset="0"><string>segmentations</string></property></widget>'),
+        "widget connections", "Slicer's parameter node cannot bind a qMRMLCheckableNodeComboBox"),
+    "button connected to nothing": (
+        lambda r: edit(r / M, '        self.ui.applyButton.connect("clicked(bool)", self.onApply)\n', ""),
+        "widget connections", "QPushButton applyButton is connected to nothing"),
+    "editable text box that nothing reads": (
+        lambda r: edit(r / UI, '<widget class="QPushButton" name="applyButton"/>',
+                       '<widget class="QPushButton" name="applyButton"/><widget class="QPlainTextEdit" name="log"/>'),
+        "widget connections", "QPlainTextEdit log: the user can change it, but nothing hears it"),
+    "widget class the check does not know": (
+        lambda r: edit(r / UI, '<widget class="QPushButton" name="applyButton"/>',
+                       '<widget class="QPushButton" name="applyButton"/><widget class="QDial" name="dial"/>'),
+        "widget connections", "QDial dial: unknown widget class"),
     "glue file not in SCRIPTS": (lambda r: write(r / "Demo/DemoLib/extra.py", ""), "module cmake",
                                  "SCRIPTS does not list DemoLib/extra.py"),
     "SCRIPTS names a missing file": (
@@ -539,6 +608,16 @@ def test_unbound_parameters_reason_may_stand_above_the_tuple(demo: Path) -> None
     edit(demo / M, '\nUNBOUND_PARAMETERS = (\n    "lastRun",  # written by the logic, shown nowhere\n)',
          '\n# lastRun is written by the logic and shown nowhere\nUNBOUND_PARAMETERS = ("lastRun",)')
     assert check_ui(demo / "Demo") == []
+
+
+def test_read_only_text_box_and_slot_behind_a_lambda_count_as_wired(demo: Path) -> None:
+    edit(demo / UI, '<widget class="QPushButton" name="applyButton"/>',
+         '<widget class="QPushButton" name="applyButton"/><widget class="QPlainTextEdit" name="log"><property '
+         'name="readOnly"><bool>true</bool></property></widget>')
+    edit(demo / M, SELECTOR, SELECTOR.replace("self.updateGUI", "lambda: self.refresh()"))
+    edit(demo / M, "    def onApply(self):",
+         "    def refresh(self):\n        self.updateGUI()\n\n    def onApply(self):")
+    assert check_widget_connections(demo / "Demo") == []
 
 
 def test_module_folders_include_a_new_module_once_its_module_file_exists(tmp_path: Path) -> None:

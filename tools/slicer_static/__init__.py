@@ -16,6 +16,7 @@ show that each one can fail, on broken copies of a small module written to a tem
 """
 
 from .cmake import check_module_cmake, cmake_variables, parse_cmake
+from .connections import check_widget_connections
 from .extension import check_extension_cmake, check_index_entry, image_kind
 from .files import glue_packages, module_files, module_folders, package_modules, slicer_facing_python
 from .python_checks import (
@@ -35,7 +36,7 @@ from .ui import check_ui
 __all__ = [
     "ALWAYS_HEAVY", "check_byte_compile", "check_extension_cmake", "check_imports_without", "check_index_entry",
     "check_module_cmake", "check_module_file", "check_no_heavy_module_level_imports", "check_removed_modules",
-    "check_requirements", "check_ui", "cmake_variables", "find_python312", "glue_packages", "image_kind",
-    "light_modules_of_module_file", "module_files", "module_folders", "package_modules", "parse_cmake",
-    "requirement_names", "slicer_facing_python",
+    "check_requirements", "check_ui", "check_widget_connections", "cmake_variables", "find_python312",
+    "glue_packages", "image_kind", "light_modules_of_module_file", "module_files", "module_folders",
+    "package_modules", "parse_cmake", "requirement_names", "slicer_facing_python",
 ]
