@@ -312,7 +312,6 @@ slicerMacroBuildScriptedModule(
 
 if(BUILD_TESTING)
   slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)
-  add_subdirectory(Testing)
 endif()
 '''
 
@@ -397,8 +396,6 @@ def demo(tmp_path: Path) -> Path:
         "Demo/mim3d/catalog.json": "{}\n",
         "Demo/Resources/Icons/Demo.png": png(128, 128),
         "Demo/Resources/UI/Demo.ui": DEMO_UI,
-        "Demo/Testing/CMakeLists.txt": "add_subdirectory(Python)\n",
-        "Demo/Testing/Python/CMakeLists.txt": "\n#slicer_add_python_unittest(SCRIPT ${MODULE_NAME}ModuleTest.py)\n",
         "Demo/__pycache__/Demo.cpython-312.pyc": b"cache, not a module file",
         "Demo/.ruff_cache/CACHEDIR.TAG": "cache, not a module file\n",
     }
@@ -559,6 +556,24 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "module cmake", "needs slicer_add_python_unittest(SCRIPT Demo.py)"),
     "Testing .py not registered": (lambda r: write(r / "Demo/Testing/Python/DemoWidgetTest.py", ""),
                                    "module cmake", "DemoWidgetTest.py: not registered"),
+    "Testing CMakeLists.txt with only a comment": (
+        lambda r: (edit(r / MODULE_CMAKE, "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n",
+                        "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n  add_subdirectory(Testing)\n"),
+                   write(r / "Demo/Testing/CMakeLists.txt", "\n#slicer_add_python_unittest(SCRIPT DemoTest.py)\n")),
+        "module cmake", "Testing/CMakeLists.txt: holds no CMake command"),
+    "Testing folder not added": (
+        lambda r: write(r / "Demo/Testing/CMakeLists.txt", "slicer_add_python_unittest(SCRIPT DemoWidgetTest.py)\n"),
+        "module cmake", "if(BUILD_TESTING) needs add_subdirectory(Testing)"),
+    "Testing subfolder not added": (
+        lambda r: (edit(r / MODULE_CMAKE, "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n",
+                        "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n  add_subdirectory(Testing)\n"),
+                   write(r / "Demo/Testing/CMakeLists.txt", "message(STATUS Demo)\n"),
+                   write(r / "Demo/Testing/Python/CMakeLists.txt", "message(STATUS Python)\n")),
+        "module cmake", "Testing/CMakeLists.txt: needs add_subdirectory(Python)"),
+    "Testing added but missing": (
+        lambda r: edit(r / MODULE_CMAKE, "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n",
+                       "  slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)\n  add_subdirectory(Testing)\n"),
+        "module cmake", "add_subdirectory(Testing), but Testing/CMakeLists.txt does not exist"),
     "project name differs from the index entry": (
         lambda r: edit(r / "CMakeLists.txt", "project(Demo)", "project(DemoExtension)"), "extension cmake",
         "the ExtensionsIndex requires project(Demo)"),

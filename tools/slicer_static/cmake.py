@@ -123,7 +123,8 @@ def check_module_cmake(module_dir: Path) -> list[str]:
 
 
 def _check_testing_block(cmake_path: Path, commands: list, name: str) -> list[str]:
-    """``if(BUILD_TESTING) slicer_add_python_unittest(SCRIPT <Name>.py) add_subdirectory(Testing) endif()``."""
+    """``if(BUILD_TESTING) slicer_add_python_unittest(SCRIPT <Name>.py) endif()``, plus ``add_subdirectory(Testing)``
+    exactly when the module has a Testing/CMakeLists.txt."""
     names = [command for command, _, _ in commands]
     try:
         start = next(i for i, (command, args, _) in enumerate(commands)
@@ -131,39 +132,44 @@ def _check_testing_block(cmake_path: Path, commands: list, name: str) -> list[st
         end = names.index("endif", start)
     except (StopIteration, ValueError):
         return [f"{cmake_path}: no if(BUILD_TESTING) ... endif() block"]
-    block = commands[start + 1:end]
+    block = [(c, a) for c, a, _ in commands[start + 1:end]]
     problems = []
-    if ("slicer_add_python_unittest", ["SCRIPT", f"{name}.py"]) not in [(c, a) for c, a, _ in block]:
+    if ("slicer_add_python_unittest", ["SCRIPT", f"{name}.py"]) not in block:
         problems.append(f"{cmake_path}: if(BUILD_TESTING) needs slicer_add_python_unittest(SCRIPT {name}.py)")
-    if ("add_subdirectory", ["Testing"]) not in [(c, a) for c, a, _ in block]:
+    has_testing = (cmake_path.parent / "Testing" / "CMakeLists.txt").is_file()
+    if has_testing and ("add_subdirectory", ["Testing"]) not in block:
         problems.append(f"{cmake_path}: if(BUILD_TESTING) needs add_subdirectory(Testing)")
+    if not has_testing and ("add_subdirectory", ["Testing"]) in block:
+        problems.append(f"{cmake_path}: add_subdirectory(Testing), but Testing/CMakeLists.txt does not exist")
     return problems
 
 
 def _check_testing_scripts(module_dir: Path) -> list[str]:
-    """Testing/CMakeLists.txt adds Python/; each Testing .py is registered with slicer_add_python_unittest."""
+    """Each CMakeLists.txt under Testing/ does something and is added by its parent; each Testing .py is registered
+    with slicer_add_python_unittest."""
     testing = module_dir / "Testing"
     problems = []
-    for cmake in (testing / "CMakeLists.txt", testing / "Python" / "CMakeLists.txt"):
-        if not cmake.is_file():
-            problems.append(f"{cmake} does not exist")
-    if problems:
-        return problems
-    if ("add_subdirectory", ["Python"]) not in [(c, a) for c, a, _ in
-                                                parse_cmake((testing / "CMakeLists.txt").read_text(encoding="utf-8"))]:
-        problems.append(f"{testing / 'CMakeLists.txt'}: needs add_subdirectory(Python)")
     registered = set()
-    for cmake in testing.rglob("CMakeLists.txt"):
+    for cmake in sorted(testing.rglob("CMakeLists.txt")):
+        if _skipped(cmake.relative_to(module_dir)):
+            continue
         variables = {"MODULE_NAME": module_dir.name, "CMAKE_CURRENT_SOURCE_DIR": str(cmake.parent)}
-        for command, args, _ in parse_cmake(cmake.read_text(encoding="utf-8"), variables):
+        commands = parse_cmake(cmake.read_text(encoding="utf-8"), variables)
+        if not commands:
+            problems.append(f"{cmake}: holds no CMake command; register a test in it or remove it (and the "
+                            "add_subdirectory that adds it)")
+        parent = cmake.parent.parent / "CMakeLists.txt"
+        if cmake.parent != testing and ("add_subdirectory", [cmake.parent.name]) not in [
+                (c, a) for c, a, _ in (parse_cmake(parent.read_text(encoding="utf-8")) if parent.is_file() else [])]:
+            problems.append(f"{parent}: needs add_subdirectory({cmake.parent.name}), or {cmake} is never read")
+        for command, args, _ in commands:
             if command in ("slicer_add_python_unittest", "slicer_add_python_test") and "SCRIPT" in args:
                 script = Path(args[args.index("SCRIPT") + 1])
                 path = script if script.is_absolute() else cmake.parent / script
                 if not path.is_file():
                     problems.append(f"{cmake}: registers {script}, which does not exist")
                 registered.add(path.resolve())
-    for path in testing.rglob("*.py"):
+    for path in sorted(testing.rglob("*.py")):
         if not _skipped(path.relative_to(module_dir)) and path.resolve() not in registered:
             problems.append(f"{path}: not registered with slicer_add_python_unittest in a Testing CMakeLists.txt")
     return problems
-
