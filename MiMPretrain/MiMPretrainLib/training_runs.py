@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -37,11 +36,11 @@ from pathlib import Path
 
 from mim3d import registry
 from mim3d.errors import BadInputError
+from mim3d.processes import ProcessTree, is_running
 from mim3d.protocol import parse_line
 from mim3d.runs import (
     ACTIVE_STATES,
     RunDir,
-    is_alive,
     list_runs,
     now_iso,
     read_json,
@@ -126,15 +125,14 @@ def read_launch(run_dir: str | os.PathLike) -> dict | None:
 
 
 def _launch_alive(record: dict) -> bool:
-    """The launched worker still runs: no exit code recorded, its pid lives, and where /proc tells (Linux) that pid
-    still runs the launched command line, so a pid reused after a Slicer restart is not taken for the worker."""
-    if record.get("returncode") is not None or not is_alive(record):
+    """The launched worker still runs: no exit code recorded, and its pid lives in a process created by the time of
+    the launch, so a pid reused after a Slicer restart is not taken for the worker (mim3d.processes.is_running).
+    A worker launched on another host is assumed alive."""
+    if record.get("returncode") is not None:
         return False
-    try:
-        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes()
-    except OSError:
+    if record.get("host") not in (None, socket.gethostname()):
         return True
-    return cmdline.decode("utf-8", errors="replace").split("\0")[:-1] == record.get("argv")
+    return is_running(record.get("pid"), created_by=record.get("started"))
 
 
 # ---- watching -------------------------------------------------------------------------------------------------------
@@ -392,14 +390,13 @@ def stop_run(run_dir: str | os.PathLike) -> bool:
         request_stop(run.path)
         return True
     # Before the run has written status.json it has not installed its stop handling (a STOP file would be deleted
-    # as stale); SIGTERM ends it there, and is a clean stop once the run has begun. The whole group: PythonSlicer
-    # is a launcher that runs Python as its child.
+    # as stale); SIGTERM ends it there, and is a clean stop once the run has begun. The whole tree: PythonSlicer is a
+    # launcher that runs Python as its child. Where no stop request can be delivered (Windows: the detached worker
+    # has no console for CTRL_BREAK_EVENT), the tree is killed.
     _update_launch(launch_dir(run.path), launch["pid"], stop_requested=True)
-    with contextlib.suppress(ProcessLookupError):
-        if os.name == "nt":
-            os.kill(int(launch["pid"]), signal.SIGTERM)
-        else:
-            os.killpg(int(launch["pid"]), signal.SIGTERM)  # start_new_session: the group id is the worker's pid
+    tree = ProcessTree(int(launch["pid"]), created_by=launch.get("started"))
+    if not tree.terminate():
+        tree.kill()
     return True
 
 

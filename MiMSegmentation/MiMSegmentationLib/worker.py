@@ -1,9 +1,10 @@
-"""Run `mim3d` worker commands from Slicer without blocking its GUI thread. Standard library and mim3d.protocol only.
+"""Run `mim3d` worker commands from Slicer without blocking its GUI thread. Standard library, mim3d.protocol and
+mim3d.processes only.
 
     job = WorkerJob(worker_command("segment", [ct, "--model", model_id, "--output", seg]),
                     schedule=qt.QTimer.singleShot, on_event=panel.on_event, on_finished=onFinished)
     job.start()      # returns at once; events arrive on the GUI thread through `schedule`
-    job.cancel()     # SIGTERM to the worker's process group (it exits 130), the whole tree killed after a grace
+    job.cancel()     # SIGTERM to the worker's process tree (it exits 130), the whole tree killed after a grace
 
 Reader threads only queue lines; `poll()`, run on the caller's thread, parses and delivers them, so no callback ever
 runs on another thread. The worker's protocol is mim3d.protocol: JSON event lines on stdout, logs on stderr.
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mim3d
+from mim3d.processes import ProcessTree
 from mim3d.protocol import EXIT_OK, parse_line
 
 LOG_TAIL_LINES = 50
@@ -73,39 +75,17 @@ def launch(args: Sequence[str], env: Mapping[str, str] | None = None, cwd: str |
 
 
 def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Ask ``process`` and its group to stop (SIGTERM: mim3d cleans up and exits 130), wait up to ``grace_s``, then
-    kill whatever of the group is left. Blocks until the process has ended.
-
-    POSIX: the group is the session ``launch`` created; a descendant that started a session of its own escapes it.
-    Windows: CTRL_BREAK_EVENT reaches the group only when it shares a console with the caller (Slicer has none), so
-    there the stop is usually ``taskkill /T /F``, which needs the worker still alive to find its children.
-    """
-    _kill_after(process, grace_s if _ask_to_stop(process) else 0.0)
+    """Ask ``process`` and its descendants to stop (mim3d cleans up and exits 130), wait up to ``grace_s``, then kill
+    whatever of the tree is left, descendants the process left behind included. Blocks until the process has ended.
+    How the tree is found and signalled on each platform: mim3d.processes.ProcessTree."""
+    tree = ProcessTree(process.pid)
+    _kill_after(process, tree, grace_s if tree.terminate() else 0.0)
 
 
-def _ask_to_stop(process: subprocess.Popen) -> bool:
-    """Send the graceful stop; False when it could not be delivered (already gone, or on Windows no shared
-    console), so that waiting for it is pointless."""
-    try:
-        if os.name == "nt":
-            os.kill(process.pid, signal.CTRL_BREAK_EVENT)
-        else:
-            os.killpg(process.pid, signal.SIGTERM)  # start_new_session: the group id is the worker's pid
-    except OSError:
-        return False
-    return True
-
-
-def _kill_after(process: subprocess.Popen, grace_s: float) -> None:
+def _kill_after(process: subprocess.Popen, tree: ProcessTree, grace_s: float) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
-    if os.name == "nt":
-        if process.poll() is None:
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
-    else:
-        # also when the worker itself has exited: children it left in the group must not outlive the job
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+    tree.kill()  # also when the worker itself has exited: descendants it left must not outlive the job
     process.wait()
 
 
@@ -209,8 +189,9 @@ class WorkerJob:
         if not self.running or self._process.poll() is not None or self._cancel_requested:
             return
         self._cancel_requested = True
-        grace_s = self.cancel_grace_s if _ask_to_stop(self._process) else 0.0
-        threading.Thread(target=_kill_after, args=(self._process, grace_s), daemon=True,
+        tree = ProcessTree(self._process.pid)
+        grace_s = self.cancel_grace_s if tree.terminate() else 0.0
+        threading.Thread(target=_kill_after, args=(self._process, tree, grace_s), daemon=True,
                          name=f"mim3d-stop-{self._process.pid}").start()
 
     def poll(self) -> None:

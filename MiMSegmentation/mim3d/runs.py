@@ -50,6 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .processes import is_running
+
 STATES = ("starting", "running", "stopping", "stopped", "finished", "failed")
 ACTIVE_STATES = ("starting", "running", "stopping")
 
@@ -142,28 +144,18 @@ def read_status(run_dir: str | os.PathLike) -> dict:
 
 
 def is_alive(status: dict) -> bool:
-    """Whether the process named by status["pid"] still runs. Processes on another host are assumed alive."""
+    """Whether the process named by status["pid"] still runs and is the one that wrote `status`: a pid reused by a
+    process started after status["updated"] is not (mim3d.processes). Processes on another host are assumed alive."""
     pid = status.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     if status.get("host") not in (None, socket.gethostname()):
         return True
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """A killed child that its parent has not reaped yet still answers kill(pid, 0)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].startswith("Z")
+        written = datetime.fromisoformat(str(status.get("updated"))).timestamp()
+    except ValueError:
+        written = None
+    return is_running(pid, created_by=written)
 
 
 def read_metrics(run_dir: str | os.PathLike, since_line: int = 0) -> list[dict]:
