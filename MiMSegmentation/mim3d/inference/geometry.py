@@ -6,8 +6,8 @@ Frames, stated once: SimpleITK images are LPS; an ``IndexBox`` is a box of voxel
 The model grid (``model_grid``) is the input's crop, oriented RAS by ``mim3d.io.orient_ras`` (an exact permutation
 and flip of the voxels; an oblique input keeps its obliqueness in the direction) and resampled to the model spacing
 over the same physical extent: its voxels tile the crop edge to edge. Because both grids live in physical space,
-``labels_to_input`` maps the model's labels back with one nearest-neighbour resampling onto the input's own grid
-(identity transform), which is exact for any orientation, permutation or oblique direction.
+``labels_to_input`` maps the model's labels back by resampling onto the input's own grid (identity transform), which is
+exact for any orientation, permutation or oblique direction.
 """
 
 from __future__ import annotations
@@ -122,15 +122,26 @@ def model_grid(image: sitk.Image, spacing_mm: tuple[float, float, float], outsid
 def labels_to_input(labels_ijk: np.ndarray, grid: sitk.Image, image: sitk.Image, box: IndexBox) -> np.ndarray:
     """Labels (I, J, K) uint8 on the model ``grid`` -> (K, J, I) uint8 on the voxels of ``box`` of ``image``.
 
-    Nearest-neighbour resampling of the label map (never of probabilities): each input voxel takes the label of the
-    model voxel its centre falls in.
+    Each label's indicator (0 or 255) is resampled linearly and each input voxel takes the label whose indicator is
+    largest there: boundaries run smoothly between the model's voxel centres instead of as blocks of model voxels
+    (nearest neighbour), where the input is finer than the model grid. One uint8 map per label at a time: about four
+    bytes per box voxel at the peak. On the model's own grid this is the label map itself.
     """
-    labels = sitk.GetImageFromArray(np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)))  # (K, J, I) for SimpleITK
-    labels.CopyInformation(grid)
+    labels_kji = np.ascontiguousarray(labels_ijk.transpose(2, 1, 0))  # (K, J, I) for SimpleITK
     origin = image.TransformIndexToPhysicalPoint([int(s) for s in box.start])
-    mapped = sitk.Resample(labels, [int(n) for n in box.size], sitk.Transform(), sitk.sitkNearestNeighbor, origin,
-                           image.GetSpacing(), image.GetDirection(), 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(mapped)
+    best = result = None
+    for value in np.unique(labels_kji):  # ascending: on a tie the lower value (background first) wins
+        indicator = sitk.GetImageFromArray((labels_kji == value).view(np.uint8) * np.uint8(255))
+        indicator.CopyInformation(grid)
+        score = sitk.GetArrayFromImage(sitk.Resample(indicator, [int(n) for n in box.size], sitk.Transform(),
+                                                     sitk.sitkLinear, origin, image.GetSpacing(),
+                                                     image.GetDirection(), 0, sitk.sitkUInt8))
+        if best is None:
+            best, result = score, np.full(score.shape, value, dtype=np.uint8)
+        else:
+            higher = score > best
+            best[higher], result[higher] = score[higher], value
+    return result
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
