@@ -2,7 +2,8 @@
 
 Thin by design: the MRML conversions live in MiMSegmentationLib.mrml_bridge, the worker process in
 MiMSegmentationLib.worker, the panel's states in MiMSegmentationLib.segment_panel, and the computation in the
-`mim3d` worker (`PythonSlicer -m mim3d segment ...`); torch is never imported in Slicer's own process.
+`mim3d` worker (`PythonSlicer -m mim3d segment ...`). This module never imports torch; only the PyTorch
+extension's installer does, in Slicer's process, when it installs or checks torch.
 """
 
 import logging
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -29,9 +29,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from mim3d import registry
-from mim3d.labels import LabelTable
 from mim3d.package import read_model_json
-from MiMSegmentationLib import dependencies, model_list, mrml_bridge, worker
+from MiMSegmentationLib import dependencies, model_list, mrml_bridge, selftest_checks, worker
 from MiMSegmentationLib.segment_panel import PanelState, SegmentPanel
 
 # modelId is filled from the model registry (installed + downloadable), not a fixed list, so the widget sets it.
@@ -44,12 +43,13 @@ class MiMSegmentation(ScriptedLoadableModule):
         self.parent.title = _("MiM Segmentation")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MiM for 3D Slicer developers"]
+        self.parent.contributors = ["MiM for 3D Slicer maintainers"]
         self.parent.helpText = _(
             "Segment a CT volume with a model pre-trained by MiM (Mask in Mask) and fine-tuned for organs. Choose the "
             "volume and a model, click Segment; the work runs in a separate process (GPU when there is one), so "
             "Slicer stays usable and Cancel stops it at once. Segments get the model's names, colours and standard "
-            "terminology, on exactly the volume's grid.")
+            "terminology, on exactly the volume's grid. The network is used only when you click Download (a model) "
+            "or confirm the installation of the Python packages.")
         self.parent.acknowledgementText = _(
             "MiM: Zhuang et al., 'MiM: Mask in Mask Self-Supervised Pre-Training for 3D Medical Image Analysis', "
             "IEEE TMI 2025. Built on PyTorch, MONAI and SimpleITK.")
@@ -447,34 +447,8 @@ class MiMSegmentationTest(ScriptedLoadableModuleTest):
 
     # ---- helpers ----------------------------------------------------------------------------------------------------
 
-    def obliqueVolume(self):
-        array = np.full((24, 28, 20), -1000, dtype=np.int16)  # KJI: air around a soft-tissue block
-        array[4:20, 6:22, 4:16] = 40
-        angle = np.deg2rad(20)
-        ijkToRAS = np.array([[np.cos(angle) * 1.5, -np.sin(angle) * 2.0, 0, -30],
-                             [np.sin(angle) * 1.5, np.cos(angle) * 2.0, 0, 12],
-                             [0, 0, 2.5, -40], [0, 0, 0, 1]])
-        return slicer.util.addVolumeFromArray(array, ijkToRAS, name="MiMSelfTestCT")
-
-    def assertGeometryEqual(self, segmentationNode, volume):
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        slicer.modules.segmentations.logic().ExportAllSegmentsToLabelmapNode(
-            segmentationNode, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        expected, actual = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(expected)
-        labelmap.GetIJKToRASMatrix(actual)
-        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(actual), slicer.util.arrayFromVTKMatrix(expected),
-                                   atol=1e-6)
-        self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        slicer.mrmlScene.RemoveNode(labelmap)
-
     def assertSelfTestSegments(self, node, volume):
-        counts = mrml_bridge.segment_voxel_counts(node, volume)
-        self.assertEqual(counts, {"selftest-body": slicer.util.arrayFromVolume(volume).size, "selftest-empty": 0})
-        body = node.GetSegmentation().GetSegment("selftest-body")
-        self.assertEqual([round(c * 255) for c in body.GetColor()], [221, 130, 101])
-        self.assertIn("10200004", body.GetTag("TerminologyEntry") or "")
-        self.assertGeometryEqual(node, volume)
+        self.assertEqual(selftest_checks.selftest_segment_problems(node, volume), [])
 
     def workerAvailable(self) -> bool:
         if dependencies.worker_ready():
@@ -492,31 +466,16 @@ class MiMSegmentationTest(ScriptedLoadableModuleTest):
     # ---- tests ------------------------------------------------------------------------------------------------------
 
     def test_labels_import_on_an_oblique_volume(self):
-        import SimpleITK as sitk
-
-        volume = self.obliqueVolume()
         workDir = Path(slicer.util.tempDirectory("MiMSegmentationTest"))
-        written = sitk.ReadImage(str(mrml_bridge.write_volume(volume, workDir / "ct.nrrd")))
-        labels = np.zeros(sitk.GetArrayViewFromImage(written).shape, np.uint8)
-        labels[5:10, 7:12, 5:9] = 1
-        labels[12:18, 10:20, 10:15] = 2
-        labelImage = sitk.GetImageFromArray(labels)
-        labelImage.CopyInformation(written)
-        sitk.WriteImage(labelImage, str(workDir / "labels.nrrd"))
-        table = LabelTable.from_dict({"labels": [{"value": 1, "name": "liver", "color": [221, 130, 101]},
-                                                 {"value": 2, "name": "spleen", "color": [157, 108, 162]}]})
-        node = mrml_bridge.import_labels(workDir / "labels.nrrd", volume, table)
-        self.assertEqual(mrml_bridge.segment_voxel_counts(node, volume), {"liver": 5 * 5 * 4, "spleen": 6 * 10 * 5})
-        segment = node.GetSegmentation().GetSegment("liver")
-        self.assertEqual(segment.GetName(), "liver")
-        self.assertEqual([round(c * 255) for c in segment.GetColor()], [221, 130, 101])
-        self.assertGeometryEqual(node, volume)
-        shutil.rmtree(workDir, ignore_errors=True)
+        try:
+            self.assertEqual(selftest_checks.labels_import_problems(workDir), [])
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
 
     def test_segment_end_to_end_through_the_worker(self):
         if not self.workerAvailable():
             return
-        volume = self.obliqueVolume()
+        volume = selftest_checks.oblique_volume()
         workDir = Path(slicer.util.tempDirectory("MiMSegmentationTest"))
         package = self.selfTestPackage(workDir)
         logic = MiMSegmentationLogic()
@@ -534,7 +493,7 @@ class MiMSegmentationTest(ScriptedLoadableModuleTest):
             return
         import os
 
-        volume = self.obliqueVolume()
+        volume = selftest_checks.oblique_volume()
         workDir = Path(slicer.util.tempDirectory("MiMSegmentationTest"))
         savedHome = os.environ.get("MIM3D_HOME")
         os.environ["MIM3D_HOME"] = str(workDir / "home")  # a private model folder, inherited by the worker

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cmake import cmake_variables, parse_cmake
+from .publication import URL_VARIABLES, check_publication, read_publication
 
 EXTENSION_VARIABLES = ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                        "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS")
@@ -61,8 +62,15 @@ def _repository_url_path(root: Path, url: str, owner_repo: str, revision: str, w
     return path, ""
 
 
+def _unpublished(root: Path) -> bool:
+    """publication.json says "repository": null: no URL exists yet, and none may be written."""
+    publication, _ = read_publication(root)
+    return publication is not None and publication.repository is None
+
+
 def check_extension_cmake(root: Path, index_json: Path, modules: Sequence[str]) -> list[str]:
-    """The top-level CMakeLists: the template's parts, each module added, and agreement with the index entry."""
+    """The top-level CMakeLists: the template's parts, each module added, and agreement with the index entry and with
+    publication.json (where there is one; while it says "not yet published", the URL variables stay empty)."""
     cmake_path = root / "CMakeLists.txt"
     if not cmake_path.is_file():
         return [f"{cmake_path} does not exist"]
@@ -72,13 +80,14 @@ def check_extension_cmake(root: Path, index_json: Path, modules: Sequence[str]) 
     entry, error = _load_json(index_json)
     if entry is None:
         return [error]
-    problems = []
+    unpublished = _unpublished(root)
+    problems = check_publication(root, index_json)
     projects = [args for command, args, _ in commands if command == "project"]
     if not projects or projects[0][:1] != [index_json.stem]:
         problems.append(f"{cmake_path}: project() is {projects[0] if projects else None}, but the index entry is "
                         f"{index_json.name}; the ExtensionsIndex requires project({index_json.stem})")
     for variable in EXTENSION_VARIABLES:
-        if not variables.get(variable):
+        if not variables.get(variable) and not (unpublished and variable in URL_VARIABLES):
             problems.append(f"{cmake_path}: set({variable} ...) is missing or empty")
     raw_calls = [(command, raw) for command, _, raw in commands]
     for command, raw in (("cmake_minimum_required", None), ("find_package", ["Slicer", "REQUIRED"]),
@@ -104,6 +113,8 @@ def check_extension_cmake(root: Path, index_json: Path, modules: Sequence[str]) 
     if variables.get("EXTENSION_CATEGORY") != entry.get("category"):
         problems.append(f"{cmake_path}: EXTENSION_CATEGORY {variables.get('EXTENSION_CATEGORY')!r} differs from "
                         f"category {entry.get('category')!r} in {index_json.name}")
+    if unpublished:
+        return problems
     if not variables.get("EXTENSION_HOMEPAGE", "").startswith("https://"):
         problems.append(f"{cmake_path}: EXTENSION_HOMEPAGE must start with https://")
 
@@ -126,7 +137,10 @@ def check_extension_cmake(root: Path, index_json: Path, modules: Sequence[str]) 
 
 
 def check_index_entry(index_json: Path, schema_path: Path, root: Path) -> list[str]:
-    """The ExtensionsIndex entry passes the index's own checks that need no network (check_description_files.py)."""
+    """The ExtensionsIndex entry passes the index's own checks that need no network (check_description_files.py).
+
+    While publication.json says "not yet published", the entry has no scm_url: the one schema error accepted.
+    """
     import jsonschema
 
     data = index_json.read_bytes()
@@ -140,8 +154,11 @@ def check_index_entry(index_json: Path, schema_path: Path, root: Path) -> list[s
     if str(entry.get("$schema", "")).rstrip("#") != schema["$id"].rstrip("#"):
         problems.append(f"{index_json}: $schema is {entry.get('$schema')!r}; the local schema copy is "
                         f"{schema['$id']!r}")
+    unpublished = _unpublished(root)
     validator = jsonschema.Draft7Validator(schema)
     for e in sorted(validator.iter_errors(entry), key=lambda e: list(e.absolute_path)):
+        if unpublished and e.validator == "required" and e.message == "'scm_url' is a required property":
+            continue
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         problems.append(f"{index_json}: schema: {where}: {e.message}")
     if entry.get("category") not in ACCEPTED_EXTENSION_CATEGORIES:
@@ -149,6 +166,10 @@ def check_index_entry(index_json: Path, schema_path: Path, root: Path) -> list[s
     name = index_json.stem
     if name.lower().startswith("slicer"):
         problems.append(f"{index_json}: the extension name {name!r} must not start with 'Slicer' (use {name[6:]!r})")
+    if not any((root / license_name).is_file() for license_name in LICENSE_FILE_NAMES):
+        problems.append(f"{root}: no licence file ({', '.join(LICENSE_FILE_NAMES)}) in the repository root")
+    if unpublished:
+        return problems
     scm_url = str(entry.get("scm_url", ""))
     parts = urllib.parse.urlsplit(scm_url)
     if parts.scheme not in ("git", "https") or "://" not in scm_url:
@@ -157,7 +178,5 @@ def check_index_entry(index_json: Path, schema_path: Path, root: Path) -> list[s
     if "slicer" not in repo_name.lower():
         problems.append(f"{index_json}: the repository name {repo_name!r} should start with Slicer "
                         f"(e.g. Slicer{repo_name})")
-    if not any((root / license_name).is_file() for license_name in LICENSE_FILE_NAMES):
-        problems.append(f"{root}: no licence file ({', '.join(LICENSE_FILE_NAMES)}) in the repository root")
     return problems
 
