@@ -26,7 +26,7 @@ from volume_helpers import OBLIQUE, make_image, write_image
 
 from mim3d import io, registry
 from mim3d.__main__ import main
-from mim3d.inference import windows
+from mim3d.inference import plans
 from mim3d.inference.output import write_labels
 from mim3d.models import build_segmenter
 from mim3d.package import MODEL_JSON, WEIGHTS, save_package
@@ -147,7 +147,7 @@ def test_fast_mode_writes_an_nrrd_labelmap_on_the_input_grid_and_warns_about_an_
     assert any("do not look like CT" in w for w in events[-1]["warnings"])
     assert any(e["type"] == "progress" and e["message"].startswith("warning: ") for e in events)
     assert events[-1]["cases"][0]["model_grid"] == [22, 18, 4]  # 351×273×60 mm (MR: all "body") at 16 mm
-    mixed = windows.amp_dtype(torch.device("cpu"))  # --amp is the default: bf16 where this CPU computes it natively
+    mixed = plans.amp_dtype(torch.device("cpu"))  # --amp is the default: bf16 where this CPU computes it natively
     assert events[-1]["cases"][0]["plan"].endswith(str(mixed).removeprefix("torch.") if mixed else "float32")
 
 

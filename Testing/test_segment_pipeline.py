@@ -4,6 +4,7 @@ answer is known and depends on the orientation the network is fed."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,13 @@ from torch import nn
 from volume_helpers import OBLIQUE, make_image
 
 from mim3d import io
+from mim3d.devices import GpuProperties
 from mim3d.errors import BadInputError, Cancelled
-from mim3d.inference import pipeline, segment_volume, windows
+from mim3d.inference import pipeline, plans, segment_volume, windows
+from mim3d.memory import Budget
+from mim3d.models import build_segmenter
 
+A100 = GpuProperties("NVIDIA A100-SXM4-80GB", 8, 0, 80 * 2**30)
 ODD_SPACING = (2.0, 2.5, 3.5)  # model spacing unlike the input's 3 mm, so every variant is really resampled
 WHOLE = (224, 160, 64)  # one window covers the model grid: the geometry tests need no stitching (tested apart)
 
@@ -200,12 +205,139 @@ def test_out_of_memory_retries_with_a_smaller_window_batch_and_says_so(ct):
 def test_out_of_memory_fallbacks_halve_the_batch_then_move_the_output_then_everything_to_the_cpu():
     cuda = torch.device("cuda")
     for amp in (True, False):
-        plan, steps = windows.Plan(cuda, 4, cuda, amp), []
+        plan, steps = plans.Plan(cuda, 4, cuda, amp), []
         while plan is not None:
             steps.append((plan.device.type, plan.sw_batch_size, plan.output_device.type, plan.amp))
-            plan = windows.fallback(plan)
+            plan = plans.fallback(plan)
         assert steps == [("cuda", 4, "cuda", amp), ("cuda", 2, "cuda", amp), ("cuda", 1, "cuda", amp),
                          ("cuda", 1, "cpu", amp), ("cpu", 1, "cpu", amp)]
+
+
+CUBLAS_ALLOC_FAILED = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+CUDNN_NO_WORKSPACE = "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"
+CUDNN_ALLOC_FAILED = "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+
+
+def cpu_allocation_failure() -> RuntimeError:
+    """The real error of torch's CPU allocator when a request cannot be met."""
+    try:
+        torch.empty(2**60, dtype=torch.uint8)
+    except RuntimeError as e:
+        return e
+    pytest.fail("allocating 2**60 bytes succeeded")
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB"),
+    RuntimeError(CUBLAS_ALLOC_FAILED), RuntimeError(CUDNN_NO_WORKSPACE), RuntimeError(CUDNN_ALLOC_FAILED),
+    RuntimeError("MPS backend out of memory (MPS allocated: 5.00 GB, other allocations: 1.00 GB)"),
+    MemoryError("Unable to allocate 8.00 GiB for an array with shape (1024, 1024, 1024)"),
+])
+def test_out_of_memory_is_recognised_in_every_form_torch_cublas_and_cudnn_raise_it(error):
+    assert plans.is_out_of_memory(error)
+
+
+def test_the_cpu_allocators_failure_is_out_of_memory_and_other_errors_are_not():
+    assert plans.is_out_of_memory(cpu_allocation_failure())
+    assert not plans.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not plans.is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM"))
+    assert not plans.is_out_of_memory(ValueError("a window of 96³ does not fit the volume"))
+
+
+class RaisesWithTwoWindows(EdgeModel):
+    """EdgeModel whose passes with more than one window fail as a GPU library fails when its allocation does."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise RuntimeError(self.message)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("message", [CUBLAS_ALLOC_FAILED, CUDNN_NO_WORKSPACE, CUDNN_ALLOC_FAILED])
+def test_a_cublas_or_cudnn_allocation_failure_steps_down_the_window_batch_and_says_what_was_reduced(ct, message):
+    events, info = [], model_info(spacing_mm=(3.0, 3.0, 3.0), roi_size=(64, 64, 32))
+    labels = segment_volume(ct, RaisesWithTwoWindows(message), info, sw_batch_size=2,
+                            progress=lambda *e: events.append(e))
+    retries = [e[2] for e in events if "out of memory" in e[2]]
+    assert len(retries) == 1 and retries[0].startswith("CPU out of memory (cpu, 2 window(s) per pass, ")
+    assert retries[0].endswith(": window batch 2 -> 1")
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct, info)))
+
+
+class RunsOutOfMemoryWhileMoving(EdgeModel):
+    """EdgeModel whose first move to a device fails as ``model.to("cuda")`` does on a full GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = 0
+
+    def _apply(self, fn, recurse=True):
+        self.moves += 1
+        if self.moves == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return super()._apply(fn, recurse)
+
+
+def test_out_of_memory_while_moving_the_model_to_the_device_steps_down_too(ct):
+    events, model = [], RunsOutOfMemoryWhileMoving()
+    info = model_info(spacing_mm=(3.0, 3.0, 3.0), roi_size=(64, 64, 32))
+    labels = segment_volume(ct, model, info, sw_batch_size=2, progress=lambda *e: events.append(e))
+    assert any(e[2].endswith(": window batch 2 -> 1") for e in events)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct, info)))
+
+
+def fixed(gigabytes: float, host_gigabytes: float = 16.0):
+    """A memory budget of ``gigabytes`` on the compute device and ``host_gigabytes`` of RAM."""
+    return lambda device: Budget(int((gigabytes if device.type == "cuda" else host_gigabytes) * 1e9), "test budget")
+
+
+def test_the_plan_is_chosen_from_the_budget_and_stated_before_the_windows(ct):
+    events, info = [], model_info(spacing_mm=(3.0, 3.0, 1.5), roi_size=(128, 112, 16))
+    model, report = EdgeModel(), {}
+    labels = segment_volume(ct, model, info, budget=fixed(0, host_gigabytes=0.05), report=report,
+                            progress=lambda *e: events.append(e))
+    statements = [e for e in events if e[2].startswith("plan: ")]
+    assert len(statements) == 1 and events.index(statements[0]) < [e[0] for e in events].index("windows")
+    assert re.fullmatch(r"plan: cpu, 1 window\(s\) per pass, \w+, slabs of \d+ of its 60 planes; memory 0.1 GB "
+                        r"\(test budget\)", statements[0][2])
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct, info)))
+
+
+def test_a_volume_whose_smallest_plan_does_not_fit_is_refused_before_any_window(ct):
+    model = EdgeModel()
+    with pytest.raises(BadInputError, match=r"not enough memory to segment a 122×100×60 model grid: even cpu, 1 "
+                                            r"window\(s\) per pass, \w+ needs [\d.]+ GB \(.*\), and this job may use "
+                                            r"0.0 GB \(test budget\); close other programs"):
+        segment_volume(ct, model, model_info(spacing_mm=(3.0, 3.0, 1.5), roi_size=(128, 112, 16)),
+                       budget=fixed(0, host_gigabytes=0.01))
+    assert model.calls == 0
+
+
+@pytest.fixture(scope="module")
+def base_footprint() -> plans.Footprint:
+    """mim-unetr base, 7 classes, 96³ windows, on the model grid of a 512×512×300 abdominal CT at 1.5×1.5×2 mm."""
+    model = build_segmenter("mim-unetr", 7, preset="base", roi_size=(96, 96, 96))
+    return plans.Footprint.of(model, (280, 280, 230), (96, 96, 96), 7, False)
+
+
+def test_a_gpu_with_more_free_memory_never_gets_a_smaller_plan_and_every_plan_fits(base_footprint):
+    cuda, chosen = torch.device("cuda", 0), []
+    for gigabytes in (2, 2.5, 3, 4, 6, 8, 12, 24, 40, 80):
+        plan, _ = plans.choose_plan(cuda, base_footprint, budget=fixed(gigabytes), gpu=A100)
+        on_gpu = plan.device.type == "cuda"
+        chosen.append((on_gpu, plan.output_device.type == "cuda", plan.sw_batch_size if on_gpu else 0))
+        if on_gpu:
+            used = base_footprint.weights + plan.sw_batch_size * base_footprint.window
+            used += min(plan.slab_planes, 230) * (base_footprint.input_plane
+                                                   + base_footprint.plane * (plan.output_device.type == "cuda"))
+            assert used <= gigabytes * 1e9
+    assert chosen == sorted(chosen)
+    assert chosen[0] == (False, False, 0) and chosen[-1] == (True, True, 8)
+    assert (True, False, 1) in chosen  # the logits in RAM before giving up the GPU
 
 
 def cpu_flags() -> set[str]:
@@ -218,7 +350,7 @@ def cpu_flags() -> set[str]:
 
 def test_cpu_mixed_precision_is_bf16_exactly_where_the_cpu_computes_bf16_natively():
     native = bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
-    assert windows.amp_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert plans.amp_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
 
 
 class RecordsPrecision(EdgeModel):
@@ -238,7 +370,7 @@ class RecordsPrecision(EdgeModel):
 def test_amp_runs_the_network_in_the_devices_native_lower_precision_and_no_amp_in_float32(ct, amp):
     model, report = RecordsPrecision(), {}
     labels = segment_volume(ct, model, model_info(roi_size=(64, 64, 32)), amp=amp, report=report)
-    dtype = (windows.amp_dtype(torch.device("cpu")) if amp else None) or torch.float32
+    dtype = (plans.amp_dtype(torch.device("cpu")) if amp else None) or torch.float32
     assert model.dtypes == {dtype}
     assert report["plan"].endswith(str(dtype).removeprefix("torch."))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayFromImage(segment(ct)))

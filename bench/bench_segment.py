@@ -43,7 +43,7 @@ from bench_pretrain import PeakMemory  # noqa: E402
 
 from mim3d import io  # noqa: E402
 from mim3d.example_data import ensure  # noqa: E402
-from mim3d.inference import segment_volume, windows  # noqa: E402
+from mim3d.inference import plans, segment_volume  # noqa: E402
 from mim3d.inference.geometry import IndexBox, labels_to_input, model_grid  # noqa: E402
 from mim3d.labels import LabelTable  # noqa: E402
 from mim3d.models import build_segmenter  # noqa: E402
@@ -195,7 +195,7 @@ def main() -> None:
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "glibc_keeps_freed_memory": allocator_tuned,
-               "mixed_precision": str(windows.amp_dtype(device) or "none").removeprefix("torch.")}
+               "mixed_precision": str(plans.amp_dtype(device) or "none").removeprefix("torch.")}
     description = {"name": info.name, "weights": "package" if args.model else "random", "roi": list(info.roi_size),
                    "spacing_mm": info.preprocessing["spacing_mm"], "classes": info.labels.num_classes,
                    "our_overlap": args.overlap, "repeats": args.repeats}

@@ -7,6 +7,9 @@ One result event: {"torch": "2.5.1+cu124" (None when torch cannot be imported), 
 "recommended": "cuda" | "cpu", "cpu_threads": 16, "cpu_bf16": true (``cpu_computes_bf16``)}. Free memory is what
 the driver reports now, other processes included; asking for it starts a CUDA context in this short-lived process
 only.
+
+Also the one home of what a device computes natively (``native_precision``) and of the CUDA speed settings every job
+turns on (``use_fast_cuda_kernels``). Standard library only at import time: torch is imported where it is used.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import dataclass
 
 from .protocol import Emitter
 
@@ -55,4 +59,63 @@ def _gpu(torch, index: int) -> dict:
     properties = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
     return {"index": index, "name": properties.name, "total_mb": total // MB, "free_mb": free // MB,
-            "capability": f"{properties.major}.{properties.minor}"}
+            "capability": f"{properties.major}.{properties.minor}", "precision": native_precision_of_gpu(
+                GpuProperties.of(index))}
+
+
+# ---- what a device computes natively -----------------------------------------------------------------------------
+
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores and cuDNN bf16 convolutions
+
+
+@dataclass(frozen=True)
+class GpuProperties:
+    """What the precision and memory choices need to know of a CUDA GPU (injectable: tests describe a T4 or an H100)."""
+
+    name: str
+    major: int  # compute capability major.minor
+    minor: int
+    total_bytes: int
+
+    @classmethod
+    def of(cls, device) -> GpuProperties:
+        """The properties of CUDA ``device`` (a torch.device or an index); no CUDA context is opened."""
+        import torch
+
+        p = torch.cuda.get_device_properties(device)
+        return cls(p.name, p.major, p.minor, p.total_memory)
+
+
+def native_precision_of_gpu(gpu: GpuProperties) -> str:
+    """"bf16" from compute capability 8.0 (A100, H100, RTX 30xx and later), "fp16" below it (V100, T4, RTX 20xx).
+    ``torch.cuda.is_bf16_supported()`` is not the test: it is true below 8.0 too, where bf16 is emulated and cuDNN
+    has no bf16 convolutions, so every 3-D convolution would fall back to slow, memory-hungry native kernels."""
+    return "bf16" if (gpu.major, gpu.minor) >= BF16_MIN_CAPABILITY else "fp16"
+
+
+def native_precision(device, gpu: GpuProperties | None = None) -> str | None:
+    """The lower precision ``device`` computes natively: "bf16", "fp16", or None (float32 only).
+
+    Args:
+        device: a torch.device, already selected (for CUDA: after ``torch.cuda.set_device``, so that no context is
+            opened on another process's GPU).
+        gpu: the GPU's properties; None reads them from ``device``.
+    """
+    if device.type == "cuda":
+        return native_precision_of_gpu(gpu or GpuProperties.of(device))
+    if device.type == "cpu" and cpu_computes_bf16():
+        return "bf16"
+    return None
+
+
+def use_fast_cuda_kernels(device) -> None:
+    """On CUDA: TF32 for float32 matrix products and convolutions (10-bit mantissa inputs, float32 accumulation; the
+    1×1×1 and patch convolutions and every linear layer are matrix products), and cuDNN autotuning, which pays once
+    per input shape and suits the fixed-shape crops and windows of every mim3d job. Nothing on other devices."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True

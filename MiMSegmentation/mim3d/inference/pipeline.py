@@ -10,10 +10,11 @@ Steps (each reported through ``progress(stage, fraction, message)``):
    and resample linearly to the model spacing (``geometry.model_grid``); window the HU to [0, 1] as in training. Air
    outside the box would be 0 after windowing, which is also the sliding window's padding value, so the crop saves
    the windows over air and moves the window tiling; the values the network sees are unchanged.
-2. windows: MONAI sliding-window inference with Gaussian blending (mixed precision where the device computes a
-   lower precision natively, ``windows.amp_dtype``; window batch by free GPU memory, halved and then moved to the CPU
-   on out-of-memory errors), all-air windows answered by one shared pass, argmax to uint8 in model space
-   (``windows.predict_labels``).
+2. windows: a plan from the memory the job may use (``plans.choose_plan``: window batch, where the logits
+   accumulate, slab depth; stated in the progress stream), then MONAI sliding-window inference with Gaussian
+   blending (mixed precision where the device computes a lower precision natively, ``plans.amp_dtype``; the window
+   batch halved, then the logits and then the network moved to the CPU on out-of-memory errors), all-air windows
+   answered by one shared pass, argmax to uint8 in model space (``windows.predict_labels``).
 3. postprocess: nearest-neighbour mapping of the label map onto the input grid (``geometry.labels_to_input``),
    keep-largest-component per label, zeros outside the computed box.
 
@@ -41,10 +42,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import io
+from .. import io, memory
+from ..devices import use_fast_cuda_kernels
 from ..errors import BadInputError, Cancelled
 from ..package import ModelInfo
-from . import geometry, windows
+from . import geometry, plans, windows
 
 log = logging.getLogger(__name__)
 FAST_SPACING_FACTOR = 2.0
@@ -104,7 +106,8 @@ def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *
                    fast: bool = False, overlap: float | None = None, tta: bool = False, amp: bool = True,
                    keep_largest: bool | Collection[str | int] = False, roi_lps=None, progress: Progress | None = None,
                    cancel: Callable[[], bool] | None = None, warn: Callable[[str], None] | None = None,
-                   sw_batch_size: int | None = None, report: dict[str, Any] | None = None) -> sitk.Image:
+                   sw_batch_size: int | None = None, report: dict[str, Any] | None = None,
+                   budget: Callable[[torch.device], memory.Budget] = memory.budget) -> sitk.Image:
     """Segment a 3-D CT ``image`` (any orientation; LPS as SimpleITK reads it) with ``model`` described by ``info``.
 
     Args:
@@ -112,7 +115,7 @@ def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *
         fast: predict at ``FAST_SPACING_FACTOR`` × the model spacing (module docstring: accuracy trade-off).
         overlap: window overlap in [0, 1); None takes model.json's ``inference.overlap``.
         tta: also predict the volume flipped along each axis and sum the logits (4 passes).
-        amp: mixed precision where the device computes it natively (``windows.amp_dtype``: bf16/fp16 on CUDA, bf16
+        amp: mixed precision where the device computes it natively (``plans.amp_dtype``: bf16/fp16 on CUDA, bf16
             on CPUs with AMX or AVX512-BF16); False: float32.
         keep_largest: True: keep only the largest connected component of every label; label names or values: of
             those; False: of the labels model.json's ``inference.keep_largest`` names (none if it names none).
@@ -123,12 +126,14 @@ def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *
             default: logged.
         sw_batch_size: windows per forward pass; None chooses for the device's memory.
         report: if given, filled with device, plan, windows, grids and timings (s) of each stage.
+        budget: device -> the memory this job may use there (``memory.budget``, measured after preprocessing).
 
     Returns:
         uint8 label map on exactly ``image``'s grid (size, spacing, origin, direction); values from the label table.
 
     Raises:
-        BadInputError: not a 3-D scalar image, a model.json setting that cannot be used, an ROI outside the image.
+        BadInputError: not a 3-D scalar image, a model.json setting that cannot be used, an ROI outside the image,
+            not enough memory for even the smallest plan (the message says what it needs and what there is).
         Cancelled: ``cancel()`` returned True.
     """
     progress = progress or (lambda stage, fraction, message: None)
@@ -146,8 +151,13 @@ def segment_volume(image: sitk.Image, model: torch.nn.Module, info: ModelInfo, *
     box, grid, volume = stage
     _check_cancel(cancel)
     started = time.perf_counter()
-    plan = windows.initial_plan(torch.device(device), sw_batch_size, amp)
-    model.to(plan.device).eval()
+    footprint = plans.Footprint.of(model, volume.shape, settings.roi_size, settings.num_classes, tta)
+    plan, statement = plans.choose_plan(torch.device(device), footprint, sw_batch_size=sw_batch_size, amp=amp,
+                                        budget=budget)
+    progress("preprocess", 1.0, statement)
+    report["plan_chosen"] = statement
+    use_fast_cuda_kernels(plan.device)
+    model.eval()
     labels_model, plan, count, empty = windows.predict_labels(
         volume, model, roi=settings.roi_size, overlap=settings.overlap, blend=settings.blend,
         num_classes=settings.num_classes, plan=plan, tta=tta, progress=progress, cancel=cancel)

@@ -1,13 +1,14 @@
 """Sliding-window prediction in model space: MONAI ``sliding_window_inference`` with Gaussian blending, argmax to
-uint8 per slab, mixed precision where the hardware has it (``amp_dtype``), flips for test-time augmentation, a
-smaller window batch and then the CPU after a GPU out-of-memory error, and a cancel check before every window batch.
+uint8 per slab, mixed precision where the hardware has it (``plans.amp_dtype``), flips for test-time augmentation,
+the next plan of ``plans.fallback`` after an out-of-memory error of any form (``plans.is_out_of_memory``; moving the
+model to the device included), and a cancel check before every window batch.
 A window holding nothing but zeros (air below the intensity window, or padding) always gets the same answer, so all
 such windows share one forward pass: exact, and free.
 
 Memory: the blended logits (float32, one channel per class) exist only for one slab of the model-space volume at a
-time; a slab is as deep along K as ``LOGITS_BUDGET_BYTES`` allows (the whole volume for the usual few-class models),
-plus a halo of half a window on each side so that every kept voxel is predicted with full window context. What
-leaves this module is the uint8 label map.
+time; a slab is as deep along K as ``LOGITS_BUDGET_BYTES`` and the plan's memory allow (the whole volume for the
+usual few-class models), plus a halo of half a window on each side so that every kept voxel is predicted with full
+window context. What leaves this module is the uint8 label map.
 """
 
 from __future__ import annotations
@@ -15,80 +16,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from ..devices import cpu_computes_bf16
 from ..errors import Cancelled
+from .plans import Plan, fallback, is_out_of_memory, reduction
 
 log = logging.getLogger(__name__)
 LOGITS_BUDGET_BYTES = 1 << 30  # blended logits of one slab (x2 with TTA); CPU RAM or GPU memory
 TTA_FLIPS = ((), (2,), (3,), (4,))  # identity and one flip per axis of (B, C, I, J, K): 4 passes, logits summed
-CUDA_BATCH_SIZES = ((40e9, 8), (20e9, 4), (10e9, 2))  # free GPU bytes -> windows per forward pass; else 1
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for inference on ``device``, None for float32.
-
-    CUDA: bf16 where the GPU has it, else fp16. CPU: bf16 where the CPU computes it natively (AMX or AVX512-BF16
-    units, e.g. Xeon Sapphire Rapids and later, Zen 4 and later), where oneDNN's bf16 3-D convolutions run a
-    mim-unetr window 1.8-2.2× as fast as float32 (docs/BENCHMARKS.md); float32 on every other CPU, where bf16
-    would be emulated and slower.
-    """
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_computes_bf16():
-        return torch.bfloat16
-    return None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where the network runs (``device``), how many windows per pass, where the blended logits accumulate, and
-    whether it runs in mixed precision where the device has a fast lower precision (``amp``, see ``amp_dtype``)."""
-
-    device: torch.device
-    sw_batch_size: int
-    output_device: torch.device
-    amp: bool = True
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        """The autocast dtype of the forward passes; None: float32."""
-        return amp_dtype(self.device) if self.amp else None
-
-    def describe(self) -> str:
-        where = self.device.type if self.output_device == self.device else f"{self.device.type}, output on cpu"
-        precision = str(self.dtype).removeprefix("torch.") if self.dtype else "float32"
-        return f"{where}, {self.sw_batch_size} window(s) per pass, {precision}"
-
-
-def initial_plan(device: torch.device, sw_batch_size: int | None = None, amp: bool = True) -> Plan:
-    """Start plan: on CUDA the window batch follows the free GPU memory (``CUDA_BATCH_SIZES``), on CPU 1 (a larger
-    batch gives a CPU no speed, only memory); ``amp`` as in ``Plan``."""
-    if sw_batch_size is None:
-        sw_batch_size = 1
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            sw_batch_size = next((n for need, n in CUDA_BATCH_SIZES if free >= need), 1)
-    return Plan(device, int(sw_batch_size), device, amp)
-
-
-def fallback(plan: Plan) -> Plan | None:
-    """The next plan after an out-of-memory error: halve the window batch, then accumulate on the CPU, then run
-    everything on the CPU; None when nothing is left to try."""
-    cpu = torch.device("cpu")
-    if plan.sw_batch_size > 1:
-        return replace(plan, sw_batch_size=plan.sw_batch_size // 2)
-    if plan.output_device.type == "cuda":
-        return replace(plan, output_device=cpu)
-    if plan.device.type == "cuda":
-        return Plan(cpu, 1, cpu, plan.amp)
-    return None
 
 
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
@@ -122,7 +61,8 @@ def predict_labels(volume: np.ndarray, model: torch.nn.Module, *, roi: tuple[int
     Args:
         volume: (I, J, K) float32 in [0, 1] (windowed intensities), RAS-oriented, at the model's spacing.
         roi, overlap, blend: window size (I, J, K), overlap fraction in [0, 1), "gaussian" or "constant".
-        plan: device and window batch to start with (``initial_plan``); out-of-memory errors walk ``fallback``.
+        plan: device, window batch and slab depth to start with (``plans.choose_plan``); the model is moved to its
+            device here, and out-of-memory errors (in that move too) walk ``plans.fallback``.
         progress: called ("windows", fraction, "window n/N") after every forward pass.
         cancel: polled before every forward pass; True stops with ``Cancelled``.
 
@@ -132,7 +72,10 @@ def predict_labels(volume: np.ndarray, model: torch.nn.Module, *, roi: tuple[int
     """
     flips = TTA_FLIPS if tta else ((),)
     depth_bytes = num_classes * volume.shape[0] * volume.shape[1] * 4 * (2 if tta else 1)
-    parts = slabs(volume.shape[2], roi[2], int(LOGITS_BUDGET_BYTES // max(1, depth_bytes)))
+    core = int(LOGITS_BUDGET_BYTES // max(1, depth_bytes))
+    if plan.slab_planes is not None:  # the plan's memory holds the halo of half a window on each side too
+        core = min(core, plan.slab_planes - roi[2])
+    parts = slabs(volume.shape[2], roi[2], core)
     total = len(flips) * sum(count_windows((*volume.shape[:2], hi - lo), roi, overlap) for lo, hi, _, _ in parts)
     counter = _WindowCounter(total, progress, cancel)
     labels = np.zeros(volume.shape, dtype=np.uint8)
@@ -141,17 +84,18 @@ def predict_labels(volume: np.ndarray, model: torch.nn.Module, *, roi: tuple[int
         while True:
             start = (counter.done, counter.empty)
             try:
+                model.to(plan.device)
                 logits = _blended_logits(x[..., lo:hi], model, roi, overlap, blend, plan, flips, counter)
                 labels[..., keep_lo:keep_hi] = _argmax_uint8(logits[..., keep_lo - lo: keep_hi - lo])
                 break
-            except torch.cuda.OutOfMemoryError as e:
-                nxt = fallback(plan)
+            except (RuntimeError, MemoryError) as e:
+                nxt = fallback(plan) if is_out_of_memory(e) else None
                 if nxt is None:
                     raise
-                message = f"GPU out of memory ({plan.describe()}); retrying with {nxt.describe()}"
+                message = (f"{plan.device.type.upper()} out of memory ({plan.describe()}); retrying with "
+                           f"{nxt.describe()}: {reduction(plan, nxt)}")
                 log.warning("%s: %s", message, str(e).splitlines()[0] if str(e) else "")
                 counter.retry(start, message)
-                model.to(nxt.device)
                 plan = nxt
             if torch.cuda.is_available():  # after a failed attempt, once its traceback (and tensors) are gone
                 torch.cuda.empty_cache()

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 4 -m mim3d pretrain --data /scans --out runs/a ...          # one node, 4 GPUs
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m mim3d pretrain ...   # two nodes
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on CUDA and Gloo on the CPU. Sharding does what
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `srun` alone works too when the job script exports MASTER_ADDR and
+MASTER_PORT (`world_from_env`). Each process uses GPU LOCAL_RANK, or GPU 0 when it sees only one (Slurm
+--gpus-per-task=1). The backend is NCCL on CUDA and Gloo on the CPU. Sharding does what
 DistributedSampler(shuffle=True, drop_last=True) does, with one more property: every optimiser step takes exactly the
 same volumes (and, through `derive_seed`, the same masks) however its global batch is split across processes,
 micro-batches and accumulation, so a 2-process run reproduces a 1-process run with the same global batch, and a
@@ -24,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..devices import use_fast_cuda_kernels
 from ..errors import BadInputError
 
 log = logging.getLogger("mim3d.training")
@@ -46,10 +49,18 @@ class World:
         return self.size > 1
 
 
-def world_from_env() -> World:
-    """The World torchrun describes in the environment (one process without torchrun)."""
-    env = os.environ
-    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+def world_from_env(env=os.environ) -> World:
+    """The World torchrun describes in the environment; under `srun` without torchrun (SLURM_PROCID and SLURM_NTASKS
+    set, RANK not) the one Slurm describes, which needs MASTER_ADDR and MASTER_PORT for the rendezvous (refused
+    without them: every process would otherwise train alone and write the same run folder); one process otherwise."""
+    if "RANK" in env or int(env.get("SLURM_NTASKS", 1)) <= 1 or "SLURM_PROCID" not in env:
+        return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise BadInputError(f"srun started {env['SLURM_NTASKS']} tasks without torchrun, and {' and '.join(missing)} "
+                            "is not set: export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | "
+                            "head -n 1) and MASTER_PORT=29500 in the job script, or start one torchrun per node")
+    return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
 
 
 def rank_zero_voice(world: World, emitter):
@@ -68,19 +79,29 @@ def select_device(requested: str, world: World) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise BadInputError("--device cuda: PyTorch sees no usable CUDA GPU here; use --device cpu or auto")
-    if world.local_rank >= torch.cuda.device_count():
-        raise BadInputError(f"LOCAL_RANK {world.local_rank}: this node has only {torch.cuda.device_count()} GPUs; "
-                            "start at most that many processes per node")
-    return torch.device("cuda", world.local_rank)
+    device = torch.device("cuda", cuda_index(world.local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)  # before any other CUDA call, so that no rank opens a context on another's GPU
+    use_fast_cuda_kernels(device)
+    return device
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of local process ``local_rank`` among the ``visible`` ones: its own index when the node's GPUs are
+    all visible (torchrun), 0 when each process sees only its own (Slurm --gpus-per-task=1)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise BadInputError(f"LOCAL_RANK {local_rank}: this node has only {visible} GPUs; start at most that many "
+                            "processes per node, or give each process its own GPU (CUDA_VISIBLE_DEVICES)")
+    return local_rank
 
 
 def init_process_group(world: World, device: torch.device) -> None:
     """Join the other processes (blocks until all have arrived); nothing to do for a single process."""
     if not world.distributed:
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+                            world_size=world.size)
 
 
 def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:

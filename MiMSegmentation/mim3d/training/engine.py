@@ -5,8 +5,8 @@
   frozen parameters are not given to the optimiser at all (timm 0.3.2 `add_weight_decay`, as the official code).
 - The learning rate is a pure function of the optimiser step (`lr_at`): linear warm-up from 0, then a half-cycle
   cosine to min_lr, set before every optimiser step at fractional epochs. Nothing about it needs saving.
-- Precision: fp32 on the CPU (bf16 autocast measured 1.6x slower than fp32 there); on CUDA with --amp, bf16 where
-  the GPU supports it, else fp16 with a GradScaler.
+- Precision: fp32 on the CPU (bf16 autocast measured 1.6x slower than fp32 there); on CUDA with --amp, bf16 on GPUs
+  that compute it natively (compute capability 8.0 and later), else fp16 with a GradScaler.
 - Gradient accumulation over `accum` micro-batches; the loss of each micro-batch is divided by `accum`, so a step
   follows the mean over the step's volumes, whatever its split across micro-batches and processes.
 """
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..devices import GpuProperties, native_precision
 from ..models.checkpoints import save_checkpoint
 from .distributed import World, all_reduce_sum, gather_objects, unwrap
 from .run_writer import RunWriter, StopController
@@ -52,15 +53,17 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: float, total_ste
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def choose_precision(device: torch.device, amp: bool | None) -> tuple[str, str]:
+def choose_precision(device: torch.device, amp: bool | None, gpu: GpuProperties | None = None) -> tuple[str, str]:
     """(precision, note): "fp32", "bf16" or "fp16" for the device and the --amp choice (None = the device default:
-    on for CUDA, off for the CPU), and a note for the log when a request was not followed."""
+    on for CUDA, off for the CPU), and a note for the log when a request was not followed. On CUDA the lower
+    precision is the one the GPU computes natively (``devices.native_precision``; ``gpu`` its properties, None: read
+    from the selected ``device``), and float32 runs its matrix products in TF32 (``devices.use_fast_cuda_kernels``)."""
     if device.type != "cuda":
         note = "--amp ignored on the CPU: bf16 autocast is slower than fp32 there (measured 1.6x)" if amp else ""
         return "fp32", note
     if amp is False:
         return "fp32", ""
-    return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), ""
+    return native_precision(device, gpu), ""
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
