@@ -1,5 +1,7 @@
 """The real example data: what the files are, and how the cache refuses corrupt downloads and tampered files."""
 
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -9,8 +11,10 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from mim3d import example_data as example_data_module
 from mim3d.example_data import (
     DICOM_DIR,
+    PRETRAIN_CTS,
     SDIST,
     VOLUMES,
     ExampleDataError,
@@ -53,6 +57,12 @@ def test_volume_has_the_documented_grid_at_3_mm(example_data: Path, name: str, s
     assert _grid(example_data / name) == (size, (3.0, 3.0, 3.0), pixel_type)
 
 
+@pytest.mark.parametrize(("name", "size"), [("aorta_report_ct.nii.gz", (233, 167, 191)),
+                                           ("pulmonary_report_ct.nii.gz", (122, 102, 112))])
+def test_pretraining_cts_have_the_documented_grid_at_1_5_mm(example_data: Path, name: str, size: tuple):
+    assert _grid(example_data / name) == (size, (1.5, 1.5, 1.5), "16-bit signed integer")
+
+
 def test_dicom_series_reads_as_512x512x20_at_the_documented_position(example_dicom_dir: Path):
     reader = sitk.ImageSeriesReader()
     files = reader.GetGDCMSeriesFileNames(str(example_dicom_dir))  # the series UID is empty; GDCM still groups it
@@ -72,7 +82,7 @@ def test_dicom_labels_share_the_series_grid(example_data: Path):
 
 
 def test_every_documented_file_is_in_the_cache_with_the_sdist_licence(example_data: Path):
-    for name in (*VOLUMES, DICOM_DIR, "LICENSE"):
+    for name in (*VOLUMES, *PRETRAIN_CTS, DICOM_DIR, "LICENSE"):
         assert path(name, example_data).exists(), name
     assert "Apache License" in path("LICENSE", example_data).read_text()
 
@@ -129,6 +139,33 @@ def test_sdist_with_the_wrong_checksum_is_refused_and_nothing_is_extracted(tmp_p
     with pytest.raises(ExampleDataError, match=rf"{fake}: SHA-256 is [0-9a-f]{{64}}, expected 5d4223ef"):
         install_sdist(fake, cache_root / "example-data")
     assert not cache_root.exists()
+
+
+def test_an_earlier_versions_extraction_is_replaced_by_a_complete_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    top = SDIST.removesuffix(".tar.gz") + "/"
+    members = {**{f"tests/reference_files/{n}": n for n in VOLUMES},
+               **{f"tests/reference_files/{m}": n for n, m in PRETRAIN_CTS.items()},
+               "LICENSE": "LICENSE", "totalsegmentator/map_to_binary.py": "map_to_binary.py",
+               f"tests/reference_files/{DICOM_DIR}/CT.1": f"{DICOM_DIR}/CT.1"}
+    sdist = tmp_path / SDIST
+    with tarfile.open(sdist, "w:gz") as tar:  # a small stand-in with the sdist's layout, pinned below by its hash
+        for member, name in members.items():
+            (tmp_path / "file").write_text(name)
+            tar.add(tmp_path / "file", top + member)
+    monkeypatch.setattr(example_data_module, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    old = tmp_path / "example-data"  # what the previous version extracted: no pre-training CTs in its manifest
+    old.mkdir()
+    (old / "example_ct.nii.gz").write_text("old")
+    (old / "manifest.json").write_text(json.dumps({"files": {"example_ct.nii.gz": {"size": 3, "sha256": ""}}}))
+
+    install_sdist(sdist, old)
+
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()) == sorted(
+        [*members.values(), "manifest.json"])
+    assert (old / "aorta_report_ct.nii.gz").read_text() == "aorta_report_ct.nii.gz"
+    verify(old, full_check=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left beside it
 
 
 def test_members_outside_the_allow_list_are_never_extracted():

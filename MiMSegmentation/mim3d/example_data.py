@@ -2,9 +2,10 @@
 
 The sdist of ``totalsegmentator==2.18.0`` on PyPI (Apache-2.0) ships small reference volumes. ``ensure()`` fetches it
 once with the ordinary ``pip download``, refuses it unless its SHA-256 is ``SDIST_SHA256``, and extracts only the files
-below (about 6 MB) into ``$MIM3D_HOME/example-data`` when MIM3D_HOME is set, else ``~/.cache/mim3d/example-data``.
+below (about 19 MB) into ``$MIM3D_HOME/example-data`` when MIM3D_HOME is set, else ``~/.cache/mim3d/example-data``.
 Extraction goes to a temporary folder renamed into place when complete, with a ``manifest.json`` of each file's size
-and SHA-256: every ``ensure()`` checks the sizes, the first one in a process (or ``full_check=True``) the hashes.
+and SHA-256: every ``ensure()`` checks the sizes, the first one in a process (or ``full_check=True``) the hashes. A
+folder extracted by an earlier version, whose manifest lacks files listed here, is fetched again and replaced.
 
 Command line: ``python -m mim3d.example_data fetch [--cache DIR]`` prints the folder. Exit code 1: the download failed
 (no network, pip error); 2: a file does not match its checksum.
@@ -12,6 +13,7 @@ Command line: ``python -m mim3d.example_data fetch [--cache DIR]`` prints the fo
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,8 +31,12 @@ SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
 VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_seg.nii.gz", "example_seg_fast_force_split.nii.gz",
            "example_seg_dicom.nii.gz", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz")
 DICOM_DIR = "example_ct_dicom"  # 20 JPEG 2000 lossless slices with empty UIDs (TEST_DATA.md §5)
+# More real CTs, unlabelled here, for pre-training (TEST_DATA.md §3): cache name -> sdist member below reference_files
+PRETRAIN_CTS = {"aorta_report_ct.nii.gz": "aorta_report/example_ct.nii.gz",  # chest + upper abdomen, 1.5 mm
+                "pulmonary_report_ct.nii.gz": "pulmonary_report/models/ct_cropped.nii.gz"}  # thorax, 1.5 mm
 # sdist member (below its top folder) -> name in the cache; the DICOM slices are matched by _cache_name
 _MEMBERS = {f"tests/reference_files/{name}": name for name in VOLUMES} | {
+    f"tests/reference_files/{member}": name for name, member in PRETRAIN_CTS.items()} | {
     "LICENSE": "LICENSE", "totalsegmentator/map_to_binary.py": "map_to_binary.py"}
 _TOP = SDIST.removesuffix(".tar.gz") + "/"
 _DICOM_PREFIX = f"tests/reference_files/{DICOM_DIR}/"
@@ -90,13 +96,17 @@ def install_sdist(sdist: Path, cache_dir: Path) -> Path:
         manifest = {"source": REQUIREMENT, "sdist_sha256": SDIST_SHA256, "files": {
             p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if cache_dir.exists() and not _complete(cache_dir):  # an earlier version's extraction: set it aside
+            with contextlib.suppress(FileNotFoundError):  # unless another process already did
+                cache_dir.rename(staging.with_name(staging.name + "-old"))
         try:
             staging.rename(cache_dir)
         except OSError:  # another process finished first: use its folder if it is complete
-            if not (cache_dir / "manifest.json").is_file():
+            if not _complete(cache_dir):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(staging.name + "-old"), ignore_errors=True)
     _fully_checked.add(cache_dir.resolve())
     return cache_dir
 
@@ -110,6 +120,20 @@ def _download(into: Path) -> Path:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
         raise ExampleDataError(f"could not download {REQUIREMENT} with pip (is PyPI reachable?):\n{tail}", exit_code=1)
     return into / SDIST
+
+
+def _expected() -> set[str]:
+    """The file names a complete extraction holds (the DICOM slices apart)."""
+    return set(_MEMBERS.values())
+
+
+def _complete(cache_dir: Path) -> bool:
+    """Whether ``cache_dir`` holds a finished extraction by this version (its manifest lists every file we need)."""
+    try:
+        files = json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return _expected() <= set(files)
 
 
 def verify(cache_dir: Path, full_check: bool = False) -> None:
@@ -128,7 +152,7 @@ def verify(cache_dir: Path, full_check: bool = False) -> None:
 def ensure(cache_dir: Path | str | None = None, full_check: bool = False) -> Path:
     """Return the folder holding the example files, downloading and extracting them first if it does not exist."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if not cache_dir.exists():
+    if not cache_dir.exists() or ((cache_dir / "manifest.json").is_file() and not _complete(cache_dir)):
         with tempfile.TemporaryDirectory(prefix="mim3d-sdist-") as tmp:
             return install_sdist(_download(Path(tmp)), cache_dir)
     verify(cache_dir, full_check=full_check or cache_dir.resolve() not in _fully_checked)
@@ -138,8 +162,9 @@ def ensure(cache_dir: Path | str | None = None, full_check: bool = False) -> Pat
 
 def path(name: str, cache_dir: Path | str | None = None) -> Path:
     """Path of one example file or of the DICOM folder, e.g. ``path("example_ct.nii.gz")``."""
-    if name not in (*VOLUMES, DICOM_DIR, "LICENSE"):
-        raise ValueError(f"unknown example file {name!r}; choose from {', '.join((*VOLUMES, DICOM_DIR, 'LICENSE'))}")
+    names = (*VOLUMES, *PRETRAIN_CTS, DICOM_DIR, "LICENSE")
+    if name not in names:
+        raise ValueError(f"unknown example file {name!r}; choose from {', '.join(names)}")
     return ensure(cache_dir) / name
 
 
