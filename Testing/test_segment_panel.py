@@ -274,6 +274,39 @@ def test_the_device_line_names_the_gpu_a_missing_torch_or_a_failed_check(panel, 
     assert panel.view(True, True).device == line
 
 
+def _devices_job(without_torch: bool = False):
+    """The real `mim3d devices` in a worker process, optionally in a Python where torch cannot be imported (Slicer
+    before the PyTorch extension installed it)."""
+    block = "sys.modules['torch'] = None; " if without_torch else ""
+    job = WorkerJob([sys.executable, "-c", f"import runpy, sys; {block}sys.argv = ['mim3d', 'devices']; "
+                     "runpy.run_module('mim3d', run_name='__main__', alter_sys=True)"])
+    job.start()
+    return job.wait(60)
+
+
+def test_devices_are_checked_again_once_pytorch_is_installed_and_a_gpu_withdraws_fast_mode(panel):
+    assert panel.needs_device_check(torch_installed=False)  # at module setup: never checked
+    panel.device_check_started()
+    assert not panel.needs_device_check(torch_installed=True)  # one is running
+    assert panel.devices_checked(_devices_job(without_torch=True)) is True  # CPU: fast mode suggested
+    assert panel.view(True, True).device == "PyTorch is not installed."
+    assert not panel.needs_device_check(torch_installed=False)
+    assert panel.needs_device_check(torch_installed=True)  # PyTorch was installed since: check again
+
+    with_torch = _devices_job()
+    panel.device_check_started()
+    on_cpu = with_torch.result["recommended"] == "cpu"  # this host's answer: True on CPU, a GPU withdraws fast mode
+    assert panel.devices_checked(with_torch) is on_cpu
+    assert not panel.needs_device_check(torch_installed=True)
+
+    gpu = outcome(result={"type": "result", "torch": "2.5.1", "recommended": "cuda", "cpu_threads": 16,
+                          "cuda": [{"index": 0, "name": "NVIDIA H100", "total_mb": 81559, "free_mb": 80011}]})
+    assert panel.devices_checked(gpu) is (False if on_cpu else None)  # the panel's own CPU suggestion is withdrawn
+    assert panel.devices_checked(gpu) is None  # the user's choice is left alone from then on
+    assert panel.devices_checked(outcome(returncode=1, message="ImportError")) is None
+    assert panel.needs_device_check(torch_installed=True)  # the failed check is retried
+
+
 def test_the_panel_and_the_runner_load_no_heavy_module():
     code = ("import sys\n"
             "for name in ('torch', 'numpy', 'SimpleITK', 'monai', 'qt', 'slicer', 'vtk'):\n"
@@ -283,4 +316,4 @@ def test_the_panel_and_the_runner_load_no_heavy_module():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env=worker_env(), cwd=Path(__file__).parent.parent / "MiMSegmentation").stdout
     assert json.loads(loaded) == ["MiMSegmentationLib", "MiMSegmentationLib.segment_panel", "MiMSegmentationLib.worker",
-                                  "mim3d", "mim3d.protocol"]
+                                  "mim3d", "mim3d.processes", "mim3d.protocol"]

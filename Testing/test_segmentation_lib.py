@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from job_helpers import save_tiny_package
 from segment_helpers import model_info
 from volume_helpers import make_image
 
 from mim3d import registry
 from mim3d.package import read_model_json
+from MiMPretrainLib import training_runs
 from MiMSegmentationLib import dependencies, model_list
 from MiMSegmentationLib.selftest_model import LABELS
 
@@ -53,6 +55,105 @@ def test_protected_constraints_pin_the_installed_versions(tmp_path):
     requirements = tmp_path / "r.txt"
     requirements.write_text("# comment\n\nmonai>=1.4  # trailing\n", encoding="utf-8")
     assert dependencies.read_requirements(requirements) == ["monai>=1.4"]
+
+
+# ---- installing what the worker needs ------------------------------------------------------------------------------
+
+def _requirements(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "requirements.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _site(tmp_path: Path, monkeypatch) -> Path:
+    """A folder on sys.path where an installer leaves distributions (their metadata is what ``unmet`` reads)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def _install_metadata(site: Path, requirements: list[str]) -> None:
+    """What pip leaves for each requirement: NAME-1.0.dist-info/METADATA (the payload does not matter here)."""
+    for line in requirements:
+        name = line.split(">")[0].split("=")[0].split("<")[0].strip()
+        info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n", encoding="utf-8")
+
+
+def _never(*args, **kwargs):
+    pytest.fail(f"must not be called: {args} {kwargs}")
+
+
+def test_met_requirements_install_nothing_and_ask_nothing(tmp_path):
+    requirements = _requirements(tmp_path, f"numpy=={dependencies.installed_version('numpy')}")
+    assert dependencies.install_requirements(_never, _never, tmp_path, requirements_file=requirements)
+
+
+def test_declining_the_install_is_a_quiet_cancel(tmp_path):
+    requirements = _requirements(tmp_path, "mim3d-test-absent-package>=1")
+    asked = []
+    declined = dependencies.install_requirements(lambda text: asked.append(text) or False, _never, tmp_path,
+                                                 requirements_file=requirements)
+    assert declined is False  # no exception, so no error dialog
+    assert asked == ["MiM needs these Python packages, which will be installed now:\nmim3d-test-absent-package>=1"]
+    assert not (tmp_path / "constraints.txt").exists()
+
+
+def test_slicer_5_10_installs_with_pip_install_and_the_constraints(tmp_path, monkeypatch):
+    site = _site(tmp_path, monkeypatch)
+    requirements = _requirements(tmp_path, "mim3d-test-absent-package>=1")
+    calls = []
+
+    def pip_install(args):
+        calls.append(args)
+        _install_metadata(site, args[2:])
+
+    assert dependencies.install_requirements(lambda text: True, pip_install, tmp_path, packaging=None,
+                                             requirements_file=requirements)
+    assert calls == [["-c", str(tmp_path / "constraints.txt"), "mim3d-test-absent-package>=1"]]
+    assert (tmp_path / "constraints.txt").read_text(encoding="utf-8").splitlines() == \
+        dependencies.protected_constraints()
+
+
+PACKAGING_5_12 = """
+calls = []  # slicer.packaging.pip_ensure's keyword arguments as Slicer 5.12 defines them (checked against its source)
+
+
+def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
+               requester=None, skip_in_testing=True, show_progress=True):
+    calls.append(dict(requirements=requirements, constraints=constraints, prompt_install=prompt_install,
+                      requester=requester))
+"""
+
+
+def test_slicer_5_12_installs_through_pip_ensure_although_its_submodule_was_never_imported(tmp_path, monkeypatch):
+    import slicer
+
+    assert dependencies.slicer_packaging() is None  # slicer-core, like Slicer 5.10, has no slicer.packaging
+    (tmp_path / "slicer-5.12").mkdir()
+    (tmp_path / "slicer-5.12" / "packaging.py").write_text(PACKAGING_5_12, encoding="utf-8")
+    monkeypatch.setattr(slicer, "__path__", [*slicer.__path__, str(tmp_path / "slicer-5.12")])
+    try:
+        assert not hasattr(slicer, "packaging")  # the check the module used: false until someone imports it
+        packaging = dependencies.slicer_packaging()
+        assert packaging is not None and packaging.__name__ == "slicer.packaging"
+        site = _site(tmp_path, monkeypatch)
+        requirements = _requirements(tmp_path, "mim3d-test-absent-package>=1")
+        with pytest.raises(RuntimeError, match="still missing after the install: mim3d-test-absent-package>=1"):
+            dependencies.install_requirements(lambda text: True, _never, tmp_path, packaging=packaging,
+                                              requirements_file=requirements)  # pip_ensure here installs nothing
+        assert packaging.calls == [dict(requirements=["mim3d-test-absent-package>=1"],
+                                        constraints=str(tmp_path / "constraints.txt"), prompt_install=False,
+                                        requester="MiM")]
+        _install_metadata(site, ["mim3d-test-absent-package"])
+        assert dependencies.install_requirements(_never, _never, tmp_path, packaging=packaging,
+                                                 requirements_file=requirements)
+    finally:
+        sys.modules.pop("slicer.packaging", None)
+        if hasattr(slicer, "packaging"):
+            delattr(slicer, "packaging")
 
 
 # ---- model list ---------------------------------------------------------------------------------------------------
@@ -94,6 +195,22 @@ def test_model_choices_list_installed_then_downloadable_with_size_time_and_licen
     for fact in ("Abdominal organs.", "Segments: liver, spleen.", "download 123 MB", "weights licence CC-BY-4.0",
                  "about 4 s on a GPU, 3.5 GB GPU memory", "about 3 min on a CPU, 2.8 GB RAM"):
         assert fact in detail
+
+
+def test_the_model_list_sees_a_model_registered_by_mimpretrain_and_a_deleted_one(tmp_path):
+    home = tmp_path / "models"
+    models = model_list.ModelList(home, _catalog(tmp_path))
+    assert models.refresh() == [] and not models.stale()
+    run = tmp_path / "runs" / "Liver run 2"  # a finished fine-tuning run, as MiMPretrain's "Use for segmentation" sees
+    save_tiny_package(run / "model", spacing_mm=5.0)
+    (run / "config.json").write_text(json.dumps({"command": "finetune"}), encoding="utf-8")
+    (run / "status.json").write_text(json.dumps({"state": "finished"}), encoding="utf-8")
+
+    training_runs.register_model(run, home=home)
+    assert models.stale()
+    assert [choice.id for choice in models.refresh()] == ["liver-run-2"] and not models.stale()
+    registry.delete("liver-run-2", home)
+    assert models.stale() and models.refresh() == []
 
 
 def test_a_newer_catalog_version_of_an_installed_model_is_offered_as_an_update(tmp_path):

@@ -3,12 +3,19 @@
 torch comes from the PyTorch extension (it picks the CUDA build for the installed driver); the rest is listed in the
 module's ``Resources/requirements.txt`` and installed with pip. Slicer's own numpy, SimpleITK and requests are never
 replaced: ``protected_constraints`` pins them to the installed versions for pip.
+
+``install_requirements`` decides how: on Slicer 5.12+ through ``slicer.packaging.pip_ensure`` (found by
+``slicer_packaging``), on 5.10 through ``slicer.util.pip_install``; after one confirmation of ours in both cases, so
+that a refusal is a quiet cancel (``pip_ensure``'s own prompt raises a bare RuntimeError, like a failure).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 # The module's Resources/requirements.txt (beside this package in the source tree and in an installed extension).
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
@@ -77,3 +84,51 @@ def protected_constraints() -> list[str]:
 def describe(requirements: list[str]) -> str:
     """One line for a confirmation dialog: "monai>=1.4,<2, safetensors>=0.4"."""
     return ", ".join(requirements)
+
+
+def confirmation_text(requirements: list[str]) -> str:
+    """The question asked once before pip installs ``requirements``."""
+    return f"MiM needs these Python packages, which will be installed now:\n{describe(requirements)}"
+
+
+def slicer_packaging() -> ModuleType | None:
+    """Slicer's ``slicer.packaging`` (Slicer 5.12+), or None (5.10). Imported here: Slicer does not import that
+    submodule at start-up (``slicer.util.pip_install`` imports it when called), so ``hasattr(slicer, "packaging")``
+    stays False until someone does."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+
+
+def install_requirements(confirm: Callable[[str], bool], pip_install: Callable[[list[str]], object],
+                         constraints_dir: str | Path, packaging: ModuleType | None = None,
+                         requirements_file: str | Path = REQUIREMENTS_FILE) -> bool:
+    """Install the unmet lines of ``requirements_file`` after one confirmation; True when all are met (nothing is
+    asked when they already are), False when the user declined: a cancel, nothing installed, nothing to report.
+
+    ``confirm(text)`` asks the user (``slicer.util.confirmOkCancelDisplay``). With ``packaging`` (``slicer_packaging()``
+    on Slicer 5.12+) the install is ``packaging.pip_ensure(..., prompt_install=False)``, with its progress dialog and
+    restart prompt; without (5.10) ``pip_install(["-c", constraints, *missing])`` (``slicer.util.pip_install``). Both
+    get the constraints file written into ``constraints_dir`` that keeps Slicer's own packages at their versions.
+
+    Raises:
+        RuntimeError: a requirement is still unmet after the install (restart Slicer and try again); what the
+            installer raises when pip fails.
+    """
+    missing = unmet(read_requirements(requirements_file))
+    if not missing:
+        return True
+    if not confirm(confirmation_text(missing)):
+        return False
+    constraints = Path(constraints_dir) / "constraints.txt"
+    constraints.write_text("\n".join(protected_constraints()) + "\n", encoding="utf-8")
+    if packaging is not None:
+        packaging.pip_ensure(missing, constraints=str(constraints), prompt_install=False, requester="MiM")
+    else:
+        pip_install(["-c", str(constraints), *missing])
+    still = unmet(read_requirements(requirements_file))
+    if still:
+        raise RuntimeError(f"These packages are still missing after the install: {describe(still)}. Restart Slicer "
+                           "and try again.")
+    return True

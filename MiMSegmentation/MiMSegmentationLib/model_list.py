@@ -1,7 +1,9 @@
 """The Segment panel's model list: installed packages first, then catalog entries not installed yet. Stdlib only.
 
 Each choice carries what the panel shows: a title for the combo box and a detail line (description, labels, size,
-expected time and memory), so the user can judge a model before downloading it.
+expected time and memory), so the user can judge a model before downloading it. ``ModelList`` keeps the list and
+tells when the registry has changed since it was read, so a model that MiMPretrain registers (or anything else
+installs, replaces or deletes) appears when the Segment panel is next shown, without anyone touching the panel.
 """
 
 from __future__ import annotations
@@ -66,3 +68,34 @@ def model_choices(home: Path | None = None, catalog: Path | None = None) -> list
         choices.append(ModelChoice(entry.id, f"{entry.name} {entry.version} — download{update}", detail,
                                    entry.id in versions, entry.id in versions, True))
     return choices
+
+
+def registry_stamp(home: Path | None = None) -> tuple:
+    """What changes when a model is installed, replaced or deleted: the models folder (``$MIM3D_HOME`` may change) and
+    each model folder's name with its model.json's modification time and size. Nothing is parsed."""
+    folder = home or registry.models_home()
+    entries = []
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            stat = (child / "model.json").stat()
+            entries.append((child.name, stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            entries.append((child.name, None, None))
+    return (str(folder), *entries)
+
+
+class ModelList:
+    """The panel's model choices, read again by ``refresh()``; ``stale()`` says whether the registry changed since."""
+
+    def __init__(self, home: Path | None = None, catalog: Path | None = None):
+        self.home, self.catalog = home, catalog
+        self.choices: list[ModelChoice] = []
+        self._stamp: tuple | None = None
+
+    def stale(self) -> bool:
+        return self._stamp != registry_stamp(self.home)
+
+    def refresh(self) -> list[ModelChoice]:
+        self._stamp = registry_stamp(self.home)
+        self.choices = model_choices(self.home, self.catalog)
+        return self.choices

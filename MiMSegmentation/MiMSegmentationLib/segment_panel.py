@@ -75,6 +75,9 @@ class SegmentPanel:
         self.state = PanelState.IDLE
         self.final_message = ""
         self.device = ""
+        self._devices_seen_torch: bool | None = None  # None: no device check has finished yet
+        self._device_check_running = False
+        self._fast_suggested = False
         self._progress = 0.0
         self._stage_line = ""
         self._started_at = self._ended_at = 0.0
@@ -173,9 +176,30 @@ class SegmentPanel:
             self._end(PanelState.FAILED)
             self.final_message = f"Failed to import the segmentation: {message}"
 
-    def devices_checked(self, outcome: JobOutcome) -> None:
-        """The outcome of a ``mim3d devices`` job: sets ``device`` (the line the panel shows)."""
+    def needs_device_check(self, torch_installed: bool) -> bool:
+        """Whether to run ``mim3d devices`` (again) now: no check has finished or is running yet, or the last one ran
+        without PyTorch (or failed) and PyTorch is installed now. Devices are first checked when the module is set up,
+        often before PyTorch is installed; a GPU must not stay unseen (and fast mode on) until Slicer restarts."""
+        if self._device_check_running:
+            return False
+        return self._devices_seen_torch is None or (torch_installed and not self._devices_seen_torch)
+
+    def device_check_started(self) -> None:
+        self._device_check_running = True
+
+    def devices_checked(self, outcome: JobOutcome) -> bool | None:
+        """The outcome of a ``mim3d devices`` job: sets ``device`` (the line the panel shows). Returns the fast mode
+        to set: True when the worker will run on the CPU (suggested; the user can untick it), False when a GPU is
+        found after fast mode was suggested for the CPU, None to leave it as it is."""
+        self._device_check_running = False
         self.device = _device_line(outcome)
+        result = outcome.result if outcome.ok and outcome.result is not None else {}
+        self._devices_seen_torch = result.get("torch") is not None
+        recommended = result.get("recommended")
+        fast = True if recommended == "cpu" else (False if recommended == "cuda" and self._fast_suggested else None)
+        if fast is not None:
+            self._fast_suggested = fast
+        return fast
 
     # ---- helpers ------------------------------------------------------------------------------------------------
 
