@@ -22,6 +22,7 @@ COMMANDS = {
     "models": ("mim3d.registry_cli", "list, show, import, download, verify and delete model packages"),
     "devices": ("mim3d.devices", "the torch version, CUDA GPUs with their free memory, and the recommended device"),
     "demo": ("mim3d.demo", "the whole loop on the example CT: pre-train, fine-tune, segment an unseen scan, report"),
+    "clean": ("mim3d.clean", "list or remove downloaded models, the example data and the data cache"),
 }
 
 
