@@ -1,14 +1,15 @@
 """MiMPretrain: pre-train (MiM, MAE, SimMIM) and fine-tune from Slicer; watch, stop, resume and reuse the runs.
 
-Thin by design: runs are `mim3d pretrain|finetune` workers started detached (they outlive the panel and a Slicer
+Qt wiring only: runs are `mim3d pretrain|finetune` workers started detached (they outlive the panel and a Slicer
 restart) by MiMPretrainLib.training_runs; the panel reads only the run folders (training_runs.RunWatcher) and
-decides what it shows with training_panel.TrainingPanel; scene data is exported by scene_export; curves are MRML plot
-charts (plots). torch is never imported in Slicer's own process.
+decides what it shows with training_panel (run state, Start buttons, path fields, estimates); the fine-tuning data
+sources are data_sources; curves are MRML plot charts (plots). torch is never imported by this module.
 """
 
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -26,9 +27,16 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from mim3d.labels import Label, LabelTable, from_dataset_json
-from MiMPretrainLib import plots, scene_export, training_runs
-from MiMPretrainLib.training_panel import TrainingPanel, TrainingState
+from mim3d.labels import Label, LabelTable
+from MiMPretrainLib import plots, training_runs
+from MiMPretrainLib.data_sources import SOURCE_FIELDS, DataSource, FinetuneData
+from MiMPretrainLib.training_panel import (
+    ACTIVE,
+    TrainingPanel,
+    detected_device,
+    estimate,
+    path_text,
+)
 from MiMPretrainLib.training_settings import (
     ARCHS,
     DEVICES,
@@ -37,15 +45,16 @@ from MiMPretrainLib.training_settings import (
     PRESETS,
     FinetuneSettings,
     PretrainSettings,
-    estimate_time,
     preview_args,
     summarize_preview,
 )
 from MiMSegmentationLib import worker
 
-DATA_SOURCES = ("images + labels folders", "dataset.json", "folder of .seg.nrrd", "segmentations in the scene")
-# scanFolders: a list edited with the Add/Remove buttons; activeRun: the run the panel follows (re-attached on load).
-UNBOUND_PARAMETERS = ("scanFolders", "activeRun")
+# scanFolders: a list edited with the Add/Remove buttons; activeRun: the run the panel follows (re-attached on load);
+# the path fields: text wired by hand through path_text (the wrapper's Path connector shows an empty path as ".").
+UNBOUND_PARAMETERS = ("scanFolders", "activeRun", "cacheFolder", "initCheckpoint", "pretrainRunFolder",
+                      "imagesFolder", "labelsFolder", "datasetFile", "segmentationsFolder", "labelTableFile",
+                      "pretrainedEncoder", "finetuneRunFolder")
 REFRESH_MS = 2000
 
 
@@ -55,7 +64,7 @@ class MiMPretrain(ScriptedLoadableModule):
         self.parent.title = _("MiM Pre-train")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["MiMSegmentation"]
-        self.parent.contributors = ["MiM for 3D Slicer developers"]
+        self.parent.contributors = ["MiM for 3D Slicer maintainers"]
         self.parent.helpText = _(
             "Pre-train an encoder on your own unlabelled CT scans (MiM, MAE or SimMIM), fine-tune it on a few "
             "labelled cases (folders, dataset.json, .seg.nrrd files, or segmentations loaded in the scene), watch the "
@@ -77,16 +86,16 @@ class MiMPretrainParameterNode:
     pretrainAmp: bool = True
     pretrainDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
     pretrainWorkers: Annotated[int, WithinRange(0, 64)] = 2
-    cacheFolder: Path
-    initCheckpoint: Path
-    pretrainRunFolder: Path
-    dataSource: Annotated[str, Choice(list(DATA_SOURCES))] = DATA_SOURCES[0]
-    imagesFolder: Path
-    labelsFolder: Path
-    datasetFile: Path
-    segmentationsFolder: Path
-    labelTableFile: Path
-    pretrainedEncoder: Path
+    cacheFolder: str
+    initCheckpoint: str
+    pretrainRunFolder: str
+    dataSource: DataSource = DataSource.FOLDERS
+    imagesFolder: str
+    labelsFolder: str
+    datasetFile: str
+    segmentationsFolder: str
+    labelTableFile: str
+    pretrainedEncoder: str
     arch: Annotated[str, Choice(list(ARCHS))] = "mim-unetr"
     finetunePreset: Annotated[str, Choice(list(PRESETS))] = "base"
     finetuneEpochs: Annotated[int, WithinRange(1, 100000)] = 200
@@ -94,15 +103,9 @@ class MiMPretrainParameterNode:
     finetuneLr: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-4
     finetuneDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
     finetuneWorkers: Annotated[int, WithinRange(0, 64)] = 2
-    finetuneRunFolder: Path
+    finetuneRunFolder: str
     runsFolder: Path
     activeRun: str = ""
-
-
-def optionalPath(path) -> str | None:
-    """A path parameter as text, or None when it is unset (parameterNodeWrapper stores an empty Path as ".")."""
-    text = str(path) if path is not None else ""
-    return None if text in ("", ".") else text
 
 
 class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -113,6 +116,8 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.panel = TrainingPanel()
+        self.chartLayout = plots.ChartLayout()
+        self.devices = None  # the result of `mim3d devices`
         self.watcher = None
         self.snapshot = None
         self.previewJob = None
@@ -130,6 +135,29 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.pathFields = {  # parameter -> its ctkPathLineEdit
+            "cacheFolder": self.ui.cacheFolderPathLineEdit,
+            "initCheckpoint": self.ui.initCheckpointPathLineEdit,
+            "pretrainRunFolder": self.ui.pretrainRunFolderPathLineEdit,
+            "imagesFolder": self.ui.imagesPathLineEdit,
+            "labelsFolder": self.ui.labelsPathLineEdit,
+            "datasetFile": self.ui.datasetPathLineEdit,
+            "segmentationsFolder": self.ui.segmentationsPathLineEdit,
+            "labelTableFile": self.ui.labelTablePathLineEdit,
+            "pretrainedEncoder": self.ui.pretrainedPathLineEdit,
+            "finetuneRunFolder": self.ui.finetuneRunFolderPathLineEdit,
+        }
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.initCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.pretrainRunFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.imagesPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.labelsPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.segmentationsPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.labelTablePathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.pretrainedPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.finetuneRunFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
+        self.ui.sceneSegmentationsSelector.connect("checkedNodesChanged()", self.updateGUI)
         self.ui.addScanFolderButton.connect("clicked(bool)", self.onAddScanFolder)
         self.ui.removeScanFolderButton.connect("clicked(bool)", self.onRemoveScanFolder)
         self.ui.startPretrainButton.connect("clicked(bool)", self.onStartPretrain)
@@ -147,6 +175,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshTimer.connect("timeout()", self.refreshRun)
 
         self.initializeParameterNode()
+        self.detectDevices()
         self.refreshRunList()
         if self._parameterNode.activeRun:
             self.attach(self._parameterNode.activeRun)
@@ -157,6 +186,8 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if detected_device(self.devices) is None or self.devices.get("torch") is None:
+            self.detectDevices()  # again: PyTorch may have been installed since
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -180,10 +211,19 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            for field in self.pathFields:  # "." in scenes saved while these were Path parameters
+                setattr(self._parameterNode, field, path_text(getattr(self._parameterNode, field)))
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
             self.ui.scanFoldersList.clear()
             self.ui.scanFoldersList.addItems(list(self._parameterNode.scanFolders))
+        self.updateGUI()
+
+    def onPathEdited(self, text=None) -> None:
+        if not self._parameterNode:
+            return
+        for field, lineEdit in self.pathFields.items():
+            setattr(self._parameterNode, field, path_text(lineEdit.currentPath))
         self.updateGUI()
 
     # ---- settings from the panel -------------------------------------------------------------------------------------
@@ -191,40 +231,23 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def pretrainSettings(self) -> PretrainSettings:
         p = self._parameterNode
         return PretrainSettings(
-            data_folders=tuple(p.scanFolders), out=optionalPath(p.pretrainRunFolder) or "", method=p.method,
-            preset=p.pretrainPreset, epochs=p.pretrainEpochs, batch_size=p.pretrainBatchSize,
-            base_lr=p.pretrainBaseLr, amp=p.pretrainAmp, device=p.pretrainDevice, workers=p.pretrainWorkers,
-            cache=optionalPath(p.cacheFolder), init=optionalPath(p.initCheckpoint))
+            data=tuple(p.scanFolders), out=p.pretrainRunFolder, method=p.method, preset=p.pretrainPreset,
+            epochs=p.pretrainEpochs, batch_size=p.pretrainBatchSize, blr=p.pretrainBaseLr, amp=p.pretrainAmp,
+            device=p.pretrainDevice, workers=p.pretrainWorkers, cache=p.cacheFolder or None,
+            init=p.initCheckpoint or None)
 
-    def finetuneData(self) -> dict:
-        """The data options of the chosen source (none for scene segmentations until they are exported)."""
+    def finetuneData(self) -> FinetuneData:
         p = self._parameterNode
-        source = DATA_SOURCES.index(p.dataSource)
-        if source == 0:
-            return {"images": optionalPath(p.imagesFolder), "labels": optionalPath(p.labelsFolder),
-                    "label_table": optionalPath(p.labelTableFile)}
-        if source == 1:
-            return {"dataset": optionalPath(p.datasetFile)}
-        if source == 2:
-            return {"segmentations": optionalPath(p.segmentationsFolder)}
-        return {}
+        return FinetuneData(p.dataSource, images=p.imagesFolder, labels=p.labelsFolder, label_table=p.labelTableFile,
+                            dataset=p.datasetFile, segmentations=p.segmentationsFolder,
+                            scene_nodes=tuple(self.ui.sceneSegmentationsSelector.checkedNodes()))
 
-    def finetuneSettings(self, data=None) -> FinetuneSettings:
+    def finetuneSettings(self, dataOptions) -> FinetuneSettings:
         p = self._parameterNode
         return FinetuneSettings(
-            out=optionalPath(p.finetuneRunFolder) or "", pretrained=optionalPath(p.pretrainedEncoder),
-            arch=p.arch, preset=p.finetunePreset, epochs=p.finetuneEpochs, batch_size=p.finetuneBatchSize,
-            lr=p.finetuneLr, device=p.finetuneDevice, workers=p.finetuneWorkers,
-            **(self.finetuneData() if data is None else data))
-
-    def finetuneProblems(self) -> list:
-        if DATA_SOURCES.index(self._parameterNode.dataSource) == 3:
-            problems = [] if self.checkedSegmentations() else [_("Check at least one segmentation in the scene.")]
-            return problems + [p for p in self.finetuneSettings().check() if not p.startswith("Choose one source")]
-        return self.finetuneSettings().check()
-
-    def checkedSegmentations(self) -> list:
-        return list(self.ui.sceneSegmentationsSelector.checkedNodes())
+            out=p.finetuneRunFolder, pretrained=p.pretrainedEncoder or None, arch=p.arch, preset=p.finetunePreset,
+            epochs=p.finetuneEpochs, batch_size=p.finetuneBatchSize, lr=p.finetuneLr, device=p.finetuneDevice,
+            workers=p.finetuneWorkers, **dataOptions)
 
     # ---- rendering ------------------------------------------------------------------------------------------------
 
@@ -233,43 +256,44 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         self.ui.methodInfoLabel.text = METHOD_NOTES[p.method]
-        source = DATA_SOURCES.index(p.dataSource)
-        for widgets, shown in (((self.ui.imagesPathLineEdit, self.ui.labelsPathLineEdit), source == 0),
-                               ((self.ui.labelTablePathLineEdit,), source == 0),
-                               ((self.ui.datasetPathLineEdit,), source == 1),
-                               ((self.ui.segmentationsPathLineEdit,), source == 2),
-                               ((self.ui.sceneSegmentationsSelector,), source == 3)):
-            for widget in widgets:
-                widget.enabled = shown
-        pretrainView = self.panel.view(self.pretrainSettings().check())
-        finetuneView = self.panel.view(self.finetuneProblems())
-        self.ui.startPretrainButton.enabled = pretrainView.start_enabled
-        self.ui.startPretrainButton.toolTip = pretrainView.start_tooltip
-        self.ui.startFinetuneButton.enabled = finetuneView.start_enabled
-        self.ui.startFinetuneButton.toolTip = finetuneView.start_tooltip
-        view = pretrainView
-        self.ui.stopRunButton.enabled = view.stop_enabled
-        self.ui.resumeRunButton.enabled = view.resume_enabled
-        self.ui.useForSegmentationButton.enabled = view.use_enabled
+        for field, lineEdit in self.pathFields.items():
+            if path_text(lineEdit.currentPath) != getattr(p, field):
+                wasBlocked = lineEdit.blockSignals(True)  # onPathEdited would read the fields not written yet
+                lineEdit.currentPath = getattr(p, field)
+                lineEdit.blockSignals(wasBlocked)
+        data = self.finetuneData()
+        for widget, field in ((self.ui.imagesPathLineEdit, "images"), (self.ui.labelsPathLineEdit, "labels"),
+                              (self.ui.labelTablePathLineEdit, "label_table"), (self.ui.datasetPathLineEdit, "dataset"),
+                              (self.ui.segmentationsPathLineEdit, "segmentations"),
+                              (self.ui.sceneSegmentationsSelector, "scene_nodes")):
+            widget.enabled = field in SOURCE_FIELDS[data.source]
+
+        pretrain, finetune = self.pretrainSettings(), self.finetuneSettings(data.options())
+        for settings, problems, count, button, label in (
+                (pretrain, pretrain.check(), self.numScans, self.ui.startPretrainButton, self.ui.pretrainEstimateLabel),
+                (finetune, data.problems(finetune), data.case_count(), self.ui.startFinetuneButton,
+                 self.ui.finetuneEstimateLabel)):
+            start = self.panel.start_view(problems)
+            button.enabled, button.toolTip = start.enabled, start.tooltip
+            text = estimate(settings, count, detected_device(self.devices))
+            label.text = start.hint or (_("Estimated training time: {estimate}").format(estimate=text) if text else "")
+
+        run = self.panel.view()
+        self.ui.stopRunButton.enabled = run.stop_enabled
+        self.ui.resumeRunButton.enabled = run.resume_enabled
+        self.ui.useForSegmentationButton.enabled = run.use_enabled
         self.ui.useSelectedRunButton.enabled = bool(self.snapshot and self.snapshot.command == "pretrain")
-        self.ui.runProgressBar.value = view.progress
-        self.ui.runStatusLabel.text = f"{view.status}\n{view.error}" if view.error else view.status
-        self.ui.pretrainEstimateLabel.text = self.estimate(self.pretrainSettings(), self.numScans)
-        self.ui.finetuneEstimateLabel.text = self.estimate(self.finetuneSettings(), self.numCases())
+        self.ui.runProgressBar.value = run.progress
+        self.ui.runStatusLabel.text = f"{run.status}\n{run.error}" if run.error else run.status
 
-    def numCases(self):
-        """Labelled cases, where counting them is cheap: image files in the images folder, or checked segmentations."""
-        source = DATA_SOURCES.index(self._parameterNode.dataSource)
-        images = optionalPath(self._parameterNode.imagesFolder)
-        if source == 0 and images and Path(images).is_dir():
-            return sum(1 for path in Path(images).iterdir() if not path.name.startswith("."))
-        return len(self.checkedSegmentations()) if source == 3 else None
+    def detectDevices(self) -> None:
+        """Ask the worker which device an "auto" run would use (torch is never imported here), for the estimates."""
+        def onFinished(outcome):
+            self.devices = outcome.result if outcome.ok else None
+            self.updateGUI()
 
-    def estimate(self, settings, count) -> str:
-        if not count:
-            return ""
-        device = "cuda" if settings.device == "cuda" else "cpu"
-        return _("Estimated training time: {estimate}").format(estimate=estimate_time(settings, count, device))
+        worker.WorkerJob(worker.worker_command("devices", []), schedule=qt.QTimer.singleShot,
+                         on_finished=onFinished).start()
 
     # ---- pre-training data ------------------------------------------------------------------------------------------
 
@@ -349,7 +373,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadLabels(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to read the labels."), waitCursor=True):
-            self.showLabels(self.logic.labelsOfSource(self._parameterNode, self.checkedSegmentations()))
+            self.showLabels(self.finetuneData().labels_to_edit())
 
     # ---- runs -------------------------------------------------------------------------------------------------------
 
@@ -361,19 +385,8 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStartFinetune(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
-            runFolder = optionalPath(self._parameterNode.finetuneRunFolder)
-            data = self.finetuneData()
-            if DATA_SOURCES.index(self._parameterNode.dataSource) == 3:
-                exported = self.logic.exportSceneData(self.checkedSegmentations(), runFolder)
-                data = {key: exported[key] for key in ("images", "labels", "label_table")}
-            elif data.get("label_table") and self.ui.labelTableWidget.rowCount:
-                # the label table file's names and colours as edited in the panel (the values stay the data's)
-                edited = self.logic.dataFolder(runFolder) / "labels.json"
-                edited.parent.mkdir(parents=True, exist_ok=True)
-                self.tableLabels().save(edited)
-                data["label_table"] = str(edited)
-            settings = self.finetuneSettings(data)
-            self.logic.start("finetune", settings)
+            edited = self.tableLabels() if self.ui.labelTableWidget.rowCount else None
+            settings = self.logic.startFinetune(self.finetuneData(), self.finetuneSettings({}), edited)
             self.follow(settings.out)
 
     def follow(self, runDir) -> None:
@@ -384,6 +397,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Follow a run folder: its state, curves and log, refreshed every few seconds (survives a restart)."""
         self._parameterNode.activeRun = str(runDir)
         self.watcher = training_runs.RunWatcher(runDir)
+        self.chartLayout.follow()
         self.refreshRun()
         self.refreshTimer.start()
 
@@ -393,16 +407,15 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.snapshot = self.watcher.refresh()
         state = self.panel.update(self.snapshot)
         self.ui.runLogTextEdit.setPlainText("\n".join(self.snapshot.log_tail))
-        if self.snapshot.series:
-            self.logic.showCurves(self.snapshot)
-        if state not in (TrainingState.STARTING, TrainingState.RUNNING, TrainingState.STOPPING):
+        self.logic.showCurves(self.snapshot, self.chartLayout)
+        if state not in ACTIVE:
             self.refreshTimer.stop()
             self.refreshRunList()
         self.updateGUI()
 
     def refreshRunList(self) -> None:
-        self.recentRuns = training_runs.list_recent_runs([p for p in (optionalPath(self._parameterNode.runsFolder),)
-                                                          if p]) if self._parameterNode else []
+        folder = path_text(self._parameterNode.runsFolder) if self._parameterNode else ""
+        self.recentRuns = training_runs.list_recent_runs([folder] if folder else [])
         self.ui.runSelector.clear()
         for run in self.recentRuns:
             self.ui.runSelector.addItem(f"{Path(run.run_dir).name} · {run.command} · {run.state}")
@@ -414,29 +427,29 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUseSelectedRun(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("This run cannot be used as an encoder."), waitCursor=True):
-            self._parameterNode.pretrainedEncoder = training_runs.pretrained_checkpoint(self.snapshot.run_dir)
+            self._parameterNode.pretrainedEncoder = str(training_runs.pretrained_checkpoint(self.snapshot.run_dir))
 
     def onStopRun(self) -> None:
-        training_runs.stop_run(self.snapshot.run_dir)
+        self.logic.stop(self.snapshot.run_dir)
         self.panel.stop_requested()
         self.updateGUI()
 
     def onResumeRun(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to resume the run."), waitCursor=True):
-            training_runs.resume_run(self.snapshot.run_dir)
+            self.logic.resume(self.snapshot.run_dir)
             self.follow(self.snapshot.run_dir)
 
     def onUseForSegmentation(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to register the model."), waitCursor=True):
             modelId = self.logic.registerModel(self.snapshot.run_dir)
             self.panel.model_registered(modelId)
-            slicer.util.infoDisplay(_("The model is installed as '{id}' and listed in MiM Segmentation.").format(
+            slicer.util.infoDisplay(_("The model is installed as '{id}'; MiM Segmentation lists it.").format(
                 id=modelId))
         self.updateGUI()
 
 
 class MiMPretrainLogic(ScriptedLoadableModuleLogic):
-    """Runs without the GUI: start, export scene data, show curves, register models."""
+    """Runs without the GUI: start (fine-tuning: its scene data written first), stop, resume, show curves, register."""
 
     def getParameterNode(self):
         return MiMPretrainParameterNode(super().getParameterNode())
@@ -449,74 +462,44 @@ class MiMPretrainLogic(ScriptedLoadableModuleLogic):
             raise ValueError("\n".join(problems))
         return training_runs.start_run(command, settings.to_args(), settings.out)
 
-    @staticmethod
-    def dataFolder(runFolder) -> Path:
-        """Where scene data and an edited label table for ``runFolder`` go: a sibling "<run>-data" folder (the run
-        folder itself must be new for the worker)."""
-        if not runFolder:
-            raise ValueError(_("Choose a new run folder first."))
-        run = Path(runFolder)
-        return run.with_name(f"{run.name}-data")
-
-    def exportSceneData(self, segmentationNodes, runFolder) -> dict:
-        """Write the checked segmentations and their source volumes as training data beside the run folder."""
-        cases = []
-        for node in segmentationNodes:
-            volume = node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
-            if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
-                raise ValueError(_("Segmentation '{name}' has no source volume: choose it in the Segment Editor "
-                                   "first.").format(name=node.GetName()))
-            cases.append((volume, node))
-        return scene_export.export_training_data(cases, self.dataFolder(runFolder))
+    def startFinetune(self, data: FinetuneData, settings: FinetuneSettings, editedLabels=None) -> FinetuneSettings:
+        """Check the form, write what the run reads (scene segmentations, an edited label table) beside the run
+        folder, and start it; the settings it was started with."""
+        problems = data.problems(replace(settings, **data.options()))
+        if problems:
+            raise ValueError("\n".join(problems))
+        settings = replace(settings, **data.options_to_start(settings.out, editedLabels))
+        self.start("finetune", settings)
+        return settings
 
     @staticmethod
-    def labelsOfSource(parameters, segmentationNodes) -> LabelTable:
-        """The label table the chosen data source gives (to show and edit before starting)."""
-        source = DATA_SOURCES.index(parameters.dataSource)
-        if source == 0 and optionalPath(parameters.labelTableFile):
-            return LabelTable.load(optionalPath(parameters.labelTableFile))
-        if source == 1 and optionalPath(parameters.datasetFile):
-            import json
-
-            with open(optionalPath(parameters.datasetFile), encoding="utf-8") as f:
-                return from_dataset_json(json.load(f), optionalPath(parameters.datasetFile))
-        if source == 3 and segmentationNodes:
-            return scene_export.label_table_of_segmentations(segmentationNodes)
-        raise ValueError(_("No labels to read: choose a label table file, a dataset.json, or scene segmentations "
-                           "(a folder of .seg.nrrd files names its labels itself)."))
+    def stop(runDir) -> bool:
+        return training_runs.stop_run(runDir)
 
     @staticmethod
-    def showCurves(snapshot) -> None:
-        """Loss curves (per step) and, for fine-tuning, validation Dice (per epoch) as plot charts; the chart that
-        matters most (Dice when there is one) is shown in the layout."""
-        name = Path(snapshot.run_dir).name
-        losses = {k: v for k, v in snapshot.series.items() if not k.startswith("dice/") and k != "mean_dice"}
-        dice = {k.removeprefix("dice/"): v for k, v in snapshot.series.items() if k.startswith("dice/")}
-        if "mean_dice" in snapshot.series:
-            dice["mean"] = snapshot.series["mean_dice"]
-        shown = None
-        if losses:
-            shown = plots.update_chart(slicer.mrmlScene, f"{snapshot.run_dir}#loss", f"{name}: loss", losses,
-                                       x_title="step", y_title="loss")
-        if dice:
-            shown = plots.update_chart(slicer.mrmlScene, f"{snapshot.run_dir}#dice", f"{name}: validation Dice",
-                                       dice, x_title="epoch", y_title="Dice")
-        if shown is not None and slicer.util.mainWindow():
-            slicer.modules.plots.logic().ShowChartInLayout(shown)
+    def resume(runDir) -> int:
+        return training_runs.resume_run(runDir)
+
+    @staticmethod
+    def showCurves(snapshot, chartLayout=None) -> None:
+        """The run's loss and Dice charts; with a ChartLayout, the one that matters most goes into the layout when
+        it is time to (plots.ChartLayout)."""
+        chart = plots.update_run_charts(slicer.mrmlScene, snapshot)
+        if chart is not None and chartLayout is not None and slicer.util.mainWindow():
+            chartLayout.show(slicer.modules.plots.logic(), chart)
 
     @staticmethod
     def registerModel(runDir) -> str:
-        """Install a finished fine-tuning run's model package; MiM Segmentation lists it at once."""
-        folder = training_runs.register_model(runDir)
-        segmentationWidget = slicer.modules.mimsegmentation.widgetRepresentation().self()
-        segmentationWidget.refreshModels(folder.name)
-        return folder.name
+        """Install a finished fine-tuning run's model package; its id (MiM Segmentation lists it on entering)."""
+        return training_runs.register_model(runDir).name
 
 
 class MiMPretrainTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: a tiny pre-training run on a synthetic folder, a tiny fine-tuning run from scene data
-    (with the pre-trained encoder), the plot series, and the model registration. The worker steps are skipped when
-    PyTorch/MONAI are absent (--testing installs nothing); the scene export runs always."""
+    """In-Slicer self-test of the pre-train and fine-tune panels through the Logic: scene segmentations exported as
+    training data; a tiny pre-training run started, watched, stopped and resumed to its end; a tiny fine-tuning run
+    from the scene with that encoder; its curves as plot charts; its model registered. The worker steps are skipped
+    when PyTorch/MONAI are absent (--testing installs nothing); the scene export runs always. The Lib functions these
+    steps call are tested on the host too (Testing/test_pretrain_panel.py, test_training_runs.py)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -546,30 +529,36 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         work = Path(slicer.util.tempDirectory("MiMPretrainTest"))
         logic = MiMPretrainLogic()
         cases = [self.sceneCase(f"case{i}", 2 * i) for i in range(3)]
-        exported = logic.exportSceneData([segmentation for _, segmentation in cases], work / "finetune")
-        self.assertEqual(len(exported["cases"]), 3)
+        data = FinetuneData(DataSource.SCENE, scene_nodes=tuple(segmentation for _, segmentation in cases))
+        exported = data.options_to_start(str(work / "finetune"))
+        self.assertEqual(len(list(Path(exported["images"]).iterdir())), 3)
         self.assertEqual(LabelTable.load(exported["label_table"]).names, ("organ",))
 
         if not dependencies.worker_ready():
             self.delayDisplay("Skipped the training runs: PyTorch/MONAI are not installed.")
             shutil.rmtree(work, ignore_errors=True)
             return
-        tiny = ("embed_dims=[12,24,48,96]", "depths=[1,1,1,1]", "num_heads=3")
-        pretrain = PretrainSettings(data_folders=(exported["images"],), out=str(work / "pretrain"), preset="small",
-                                    epochs=1, device="cpu", workers=0, cache=str(work / "cache"), overrides=tiny,
-                                    max_steps=2, log_every=1)
+        tiny = {"embed_dims": [12, 24, 48, 96], "depths": [1, 1, 1, 1], "num_heads": 3}
+        pretrain = PretrainSettings(data=(exported["images"],), out=str(work / "pretrain"), preset="small",
+                                    epochs=10, device="cpu", workers=0, cache=str(work / "cache"), override=tiny,
+                                    max_steps=6, log_every=1)
         logic.start("pretrain", pretrain)
+        snapshot = self.waitForRun(pretrain.out, until=lambda s: s.state == "running")
+        self.assertTrue(logic.stop(pretrain.out))
         snapshot = self.waitForRun(pretrain.out)
-        self.assertEqual(snapshot.state, "finished", snapshot.message)
+        self.assertEqual(snapshot.state, "stopped", snapshot.message)
+        self.assertLess(snapshot.step, 6)
+        logic.resume(pretrain.out)
+        snapshot = self.waitForRun(pretrain.out)
+        self.assertEqual((snapshot.state, snapshot.step), ("finished", 6), snapshot.message)
         self.assertTrue(any(len(xs) >= 2 for xs, _ in snapshot.series.values()), snapshot.series)
 
-        finetune = FinetuneSettings(out=str(work / "finetune"), images=exported["images"],
-                                    labels=exported["labels"], label_table=exported["label_table"],
+        finetune = FinetuneSettings(out=str(work / "finetune"),
                                     pretrained=str(training_runs.pretrained_checkpoint(pretrain.out)),
                                     preset="small", epochs=2, device="cpu", workers=0, cache=str(work / "cache"),
-                                    overrides=tiny, roi=(64, 64, 32), spacing=(6.0, 6.0, 6.0), val_every=1,
+                                    override=tiny, roi=(64, 64, 32), spacing=(6.0, 6.0, 6.0), val_every=1,
                                     max_steps=4, log_every=1)
-        logic.start("finetune", finetune)
+        finetune = logic.startFinetune(data, finetune)
         snapshot = self.waitForRun(finetune.out)
         self.assertEqual(snapshot.state, "finished", snapshot.message)
         self.assertIn("dice/organ", snapshot.series)
@@ -591,12 +580,13 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
                 os.environ["MIM3D_HOME"] = savedHome
             shutil.rmtree(work, ignore_errors=True)
 
-    def waitForRun(self, runDir, timeoutSeconds=900):
+    def waitForRun(self, runDir, until=None, timeoutSeconds=900):
+        """The run's snapshot once `until(snapshot)` holds (default: the run has ended and its worker exited)."""
+        until = until or (lambda s: s.state not in ("starting", "running", "stopping", "missing") and not s.alive)
         watcher = training_runs.RunWatcher(runDir)
         deadline = time.monotonic() + timeoutSeconds
         snapshot = watcher.refresh()
-        while (snapshot.state in ("starting", "running", "stopping", "missing") or snapshot.alive) \
-                and time.monotonic() < deadline:
+        while not until(snapshot) and time.monotonic() < deadline:
             slicer.app.processEvents()
             time.sleep(0.5)
             snapshot = watcher.refresh()

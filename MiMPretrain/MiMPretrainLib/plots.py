@@ -1,13 +1,15 @@
 """Live training curves as a Slicer plot chart (MRML table + plot series nodes). Qt-free: runs on slicer-core.
 
-One chart per run; one series per curve (e.g. "loss", "dice liver"), each backed by its own two-column table node,
-because curves have different x values (training steps vs validation epochs). Updating replaces the table columns
-in place, so the plot view shown in Slicer's layout refreshes without new nodes.
+One chart per run and kind (loss per step, validation Dice per epoch); one series per curve (e.g. "loss", "liver"),
+each backed by its own two-column table node, because curves have different x values. Updating replaces the table
+columns in place, so the plot view shown in Slicer's layout refreshes without new nodes. `ChartLayout` decides when
+a chart goes into the layout, so that a refresh never takes the layout away from the user.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import slicer
 import vtk
@@ -90,3 +92,54 @@ def curve_values(chart, name: str) -> tuple[list[float], list[float]]:
     xs, ys = table.GetColumn(0), table.GetColumn(1)
     return ([xs.GetValue(i) for i in range(xs.GetNumberOfValues())],
             [ys.GetValue(i) for i in range(ys.GetNumberOfValues())])
+
+
+def update_run_charts(scene, snapshot):
+    """The charts of a run (a training_runs.RunSnapshot): its losses against the step and, for fine-tuning, the
+    validation Dice of each label and their mean against the epoch. Returns the chart that matters most (Dice when
+    there is one), or None before the run has logged anything."""
+    name = Path(snapshot.run_dir).name
+    losses = {k: v for k, v in snapshot.series.items() if not k.startswith("dice/") and k != "mean_dice"}
+    dice = {k.removeprefix("dice/"): v for k, v in snapshot.series.items() if k.startswith("dice/")}
+    if "mean_dice" in snapshot.series:
+        dice["mean"] = snapshot.series["mean_dice"]
+    shown = None
+    if losses:
+        shown = update_chart(scene, f"{snapshot.run_dir}#loss", f"{name}: loss", losses, x_title="step",
+                             y_title="loss")
+    if dice:
+        shown = update_chart(scene, f"{snapshot.run_dir}#dice", f"{name}: validation Dice", dice, x_title="epoch",
+                             y_title="Dice")
+    return shown
+
+
+class ChartLayout:
+    """When a run's chart is put in Slicer's layout (``vtkSlicerPlotsLogic.ShowChartInLayout`` switches to a layout
+    with a plot view and shows the chart there).
+
+    Once each time the panel starts following a run (`follow`: start, resume, attach), and afterwards only for a new
+    chart (Dice after the first validation) while the layout is still the one it was put in. The refreshes between
+    change nothing: the plot view redraws the chart it shows, and a user who chose another layout keeps it.
+    """
+
+    def __init__(self):
+        self._shown: tuple[str, int | None] | None = None  # (chart ID, view arrangement) last put in the layout
+
+    def follow(self) -> None:
+        """The panel follows a run anew: its next chart goes into the layout."""
+        self._shown = None
+
+    def show(self, plots_logic, chart) -> bool:
+        """Put `chart` in the layout if it is time to (class docstring); whether it was."""
+        if self._shown is not None:
+            chart_id, arrangement = self._shown
+            if chart.GetID() == chart_id or _arrangement(plots_logic.GetMRMLScene()) != arrangement:
+                return False
+        plots_logic.ShowChartInLayout(chart)
+        self._shown = (chart.GetID(), _arrangement(plots_logic.GetMRMLScene()))
+        return True
+
+
+def _arrangement(scene) -> int | None:
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    return layout.GetViewArrangement() if layout is not None else None

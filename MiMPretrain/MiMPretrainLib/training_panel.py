@@ -7,9 +7,13 @@
                           stopping ──▶ stopped ──started() (Resume)──▶ starting ...
 
 The Widget calls `started(run_dir)` right after `start_run` / `resume_run`, feeds every `RunWatcher.refresh()`
-snapshot to `update`, calls `stop_requested()` with `stop_run`, and renders `view(problems)` (problems: the settings'
-`check()`). A snapshot re-attached after a Slicer restart puts the panel straight into the run's state. A Stop click
-shows "stopping" at once, although the run's status still says "running" until its step ends.
+snapshot to `update`, calls `stop_requested()` with `stop_run`, and renders `view()` (the run: status and run
+controls) and, for each form, `start_view(problems)` (its Start button; problems: the form's `check()`). The run's
+status never depends on a form. A snapshot re-attached after a Slicer restart puts the panel straight into the run's
+state. A Stop click shows "stopping" at once, although the run's status still says "running" until its step ends.
+
+Also here, for the forms: `path_text` (a path field's text and setting) and `estimate` (the time estimate on the
+device the run will use).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import enum
 from dataclasses import dataclass
 
 from .training_runs import RunSnapshot
+from .training_settings import FinetuneSettings, PretrainSettings, estimate_time
 
 
 class TrainingState(enum.StrEnum):
@@ -38,12 +43,10 @@ _FROM_RUN = {"starting": TrainingState.STARTING, "running": TrainingState.RUNNIN
 
 @dataclass(frozen=True)
 class TrainingView:
-    """Everything the Widget renders.
+    """What the Widget renders of the run it follows (the forms' Start buttons: `StartView`).
 
     Attributes:
         state: the panel's state.
-        start_enabled: the settings are valid and no run is active.
-        start_tooltip: why Start is disabled (the settings' problems, one a line), "" when it is enabled.
         stop_enabled: a run is starting or running (not once a stop was asked for).
         resume_enabled: the run stopped or failed, has a last checkpoint, and its process has ended.
         use_enabled: "Use for segmentation": a finished fine-tuning run with a model package, not registered yet.
@@ -55,8 +58,6 @@ class TrainingView:
     """
 
     state: TrainingState
-    start_enabled: bool
-    start_tooltip: str
     stop_enabled: bool
     resume_enabled: bool
     use_enabled: bool
@@ -65,6 +66,21 @@ class TrainingView:
     status: str
     error: str
     run_dir: str
+
+
+@dataclass(frozen=True)
+class StartView:
+    """A form's Start button and the line under the form.
+
+    Attributes:
+        enabled: the form has no problems and no run is active.
+        tooltip: why Start is disabled (the form's problems, one a line, or the active run), "" when it is enabled.
+        hint: the form's first problem ("" when none), shown in place of the time estimate.
+    """
+
+    enabled: bool
+    tooltip: str
+    hint: str
 
 
 class TrainingPanel:
@@ -110,26 +126,30 @@ class TrainingPanel:
 
     # ---- what the Widget shows ------------------------------------------------------------------------------------
 
-    def view(self, problems: list[str]) -> TrainingView:
-        """What to show now, given the current settings' problems (`check()`)."""
-        active = self.state in ACTIVE
+    def view(self) -> TrainingView:
+        """The run as it stands now."""
         s = self.snapshot
-        tooltip = f"A run is {self.state.value}." if active else "\n".join(problems)
         resumable = (self.state in (TrainingState.STOPPED, TrainingState.FAILED) and s is not None
                      and s.last_checkpoint is not None and not s.alive)
         usable = (self.state is TrainingState.FINISHED and s is not None and s.command == "finetune"
                   and s.model_package is not None and not self.registered_as)
         progress = 100 if self.state is TrainingState.FINISHED else round(100 * s.fraction) if s else 0
         return TrainingView(
-            state=self.state, start_enabled=not active and not problems, start_tooltip=tooltip,
-            stop_enabled=self.state in (TrainingState.STARTING, TrainingState.RUNNING), resume_enabled=resumable,
-            use_enabled=usable, settings_enabled=not active, progress=progress, status=self._status(problems),
+            state=self.state, stop_enabled=self.state in (TrainingState.STARTING, TrainingState.RUNNING),
+            resume_enabled=resumable, use_enabled=usable, settings_enabled=self.state not in ACTIVE,
+            progress=progress, status=self._status(),
             error=s.message if self.state is TrainingState.FAILED and s is not None else "", run_dir=self.run_dir)
 
-    def _status(self, problems: list[str]) -> str:
+    def start_view(self, problems: list[str]) -> StartView:
+        """A form's Start button, given the form's problems (its settings' `check()`)."""
+        active = self.state in ACTIVE
+        tooltip = f"A run is {self.state.value}." if active else "\n".join(problems)
+        return StartView(enabled=not active and not problems, tooltip=tooltip, hint=problems[0] if problems else "")
+
+    def _status(self) -> str:
         s = self.snapshot
         if self.state is TrainingState.IDLE:
-            return problems[0] if problems else "Ready to start."
+            return "No run yet: start one, or choose one of the runs folder's runs."
         if self.state is TrainingState.STARTING:
             return f"starting: {s.message}" if s and s.message else "starting the worker"
         counters = _counters(s)
@@ -153,3 +173,27 @@ def _counters(s: RunSnapshot | None) -> str:
     if s is None or not s.total_steps:
         return ""
     return f"epoch {s.epoch}/{s.epochs} · step {s.step}/{s.total_steps}"
+
+
+# ---- the forms ----------------------------------------------------------------------------------------------------
+
+def path_text(value: object) -> str:
+    """A path field's text, and the setting it stands for: stripped, "" when empty. "." counts as empty: it is what
+    Slicer's Path serializer writes for an empty path (scenes saved by earlier versions hold it)."""
+    text = str(value).strip()
+    return "" if text == "." else text
+
+
+def detected_device(result: dict | None) -> str | None:
+    """The device an "auto" run trains on, from the result of `mim3d devices` ("cuda" or "cpu"); None when there is
+    no answer (yet, or the check failed)."""
+    return (result or {}).get("recommended")
+
+
+def estimate(settings: PretrainSettings | FinetuneSettings, count: int | None, detected: str | None) -> str:
+    """The time estimate of a run on `count` volumes or cases, on the device it will use: its device setting, or for
+    "auto" the `detected` one; "" while `count` or (for "auto") the device is not known."""
+    device = detected if settings.device == "auto" else settings.device
+    if not count or device is None:
+        return ""
+    return estimate_time(settings, count, device)
