@@ -12,8 +12,8 @@ Folders (under $MIM3D_HOME when it is set):
 Symbolic links (and Windows junctions) inside a folder are removed as links; what they point to is never touched.
 A folder that is itself a link (e.g. a cache moved to another disk) is emptied and the link kept. Run folders and a
 cache given with --cache to a training command are not touched. mim3d keeps no list of running trainings, so
-removing the cache while one runs is your call: on Linux and macOS the run rebuilds the entries it needs; on Windows
-files a run has open cannot be removed and the command stops with exit 2, naming the file.
+stopping them before removing the cache is the user's part: a run whose cache entry vanishes while it reads or writes
+it fails and can be resumed; on Windows a file a run has open cannot be removed and the command stops (exit 2).
 """
 
 from __future__ import annotations
