@@ -78,7 +78,7 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.panel = SegmentPanel()
         self.job = None
-        self.modelChoices = []
+        self.models = model_list.ModelList()
         self.elapsedTimer = qt.QTimer()
 
     def setup(self) -> None:
@@ -112,6 +112,10 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.models.stale():  # e.g. MiMPretrain's "Use for segmentation" registered a model
+            self.refreshModels()
+        if self.panel.needs_device_check(dependencies.torch_installed()):
+            self.detectDevices()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -147,7 +151,7 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def selectedChoice(self):
         index = self.ui.modelSelector.currentIndex
-        return self.modelChoices[index] if 0 <= index < len(self.modelChoices) else None
+        return self.models.choices[index] if 0 <= index < len(self.models.choices) else None
 
     def updateGUI(self, caller=None, event=None) -> None:
         choice = self.selectedChoice()
@@ -171,13 +175,13 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshModels(self, selectId=None) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to list the models."), waitCursor=True):
-            self.modelChoices = model_list.model_choices()
+            self.models.refresh()
         wanted = selectId or (self._parameterNode.modelId if self._parameterNode else "")
         self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
-        for choice in self.modelChoices:
+        for choice in self.models.choices:
             self.ui.modelSelector.addItem(choice.title)
-        ids = [choice.id for choice in self.modelChoices]
+        ids = [choice.id for choice in self.models.choices]
         self.ui.modelSelector.currentIndex = ids.index(wanted) if wanted in ids else (0 if ids else -1)
         self.ui.modelSelector.blockSignals(False)
         self.onModelSelected(self.ui.modelSelector.currentIndex)
@@ -234,20 +238,28 @@ class MiMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- devices and dependencies ---------------------------------------------------------------------------------
 
-    def detectDevices(self) -> None:
-        """Ask the worker which GPU it sees (torch is never imported here); the panel shows its answer."""
+    def detectDevices(self, wait=False) -> None:
+        """Ask the worker which GPU it sees (torch is never imported here); the panel shows its answer and suggests
+        fast mode on a CPU. ``wait``: block until it answers (after an install, before a segmentation starts)."""
         def onFinished(outcome):
-            self.panel.devices_checked(outcome)
-            if self._parameterNode and outcome.result and outcome.result.get("recommended") == "cpu":
-                self._parameterNode.fastMode = True  # suggested without a GPU; the user can untick it
+            fast = self.panel.devices_checked(outcome)
+            if self._parameterNode and fast is not None:
+                self._parameterNode.fastMode = fast
             self.updateGUI()
 
-        self.logic.startWorker(worker.worker_command("devices", []), onFinished=onFinished)
+        self.panel.device_check_started()
+        job = self.logic.startWorker(worker.worker_command("devices", []), onFinished=onFinished,
+                                     schedule=(lambda ms, fn: None) if wait else None)
+        if wait:
+            job.wait(120)
 
     def ensureDependencies(self) -> bool:
+        ready = False
         with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages MiM needs."), waitCursor=True):
-            return self.logic.installDependencies()
-        return False
+            ready = self.logic.installDependencies()
+            if ready and self.panel.needs_device_check(dependencies.torch_installed()):
+                self.detectDevices(wait=True)  # PyTorch was just installed: the GPU, and fast mode, change now
+        return ready
 
     # ---- segmenting -------------------------------------------------------------------------------------------------
 
@@ -315,10 +327,11 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
         return worker.worker_command("models", ["download", modelId])
 
     def installDependencies(self) -> bool:
-        """Install what the worker lacks, after one confirmation; True when everything is there.
+        """Install what the worker lacks, after one confirmation; True when everything is there, False when the user
+        declined (a quiet cancel).
 
         torch comes from the PyTorch extension (it picks the CUDA build for this computer's driver); the rest from
-        pip, with Slicer's own numpy, SimpleITK and requests pinned to their installed versions.
+        pip (dependencies.install_requirements: which installer on which Slicer, Slicer's own packages kept).
         """
         if not dependencies.torch_installed():
             try:
@@ -330,25 +343,9 @@ class MiMSegmentationLogic(ScriptedLoadableModuleLogic):
                 askConfirmation=True, torchVersionRequirement=dependencies.TORCH_VERSION)
             if torch is None:
                 return False
-        missing = dependencies.unmet_requirements()
-        if not missing:
-            return True
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):  # Slicer 5.12+: asks once
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(dependencies.REQUIREMENTS_FILE)),
-                                        skip_packages=list(dependencies.PROTECTED_PACKAGES), requester="MiM")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("MiM needs these Python packages, which will be installed now:\n{packages}").format(
-                        packages=dependencies.describe(missing))):
-                return False
-            constraints = Path(slicer.util.tempDirectory("MiMConstraints")) / "constraints.txt"
-            constraints.write_text("\n".join(dependencies.protected_constraints()) + "\n", encoding="utf-8")
-            slicer.util.pip_install(["-c", str(constraints), *missing])
-        still = dependencies.unmet_requirements()
-        if still:
-            raise RuntimeError(_("These packages are still missing after the install: {packages}. Restart Slicer and "
-                                 "try again.").format(packages=dependencies.describe(still)))
-        return True
+        return dependencies.install_requirements(
+            slicer.util.confirmOkCancelDisplay, slicer.util.pip_install,
+            slicer.util.tempDirectory("MiMConstraints"), packaging=dependencies.slicer_packaging())
 
     # ---- worker ---------------------------------------------------------------------------------------------------
 
