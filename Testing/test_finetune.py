@@ -9,6 +9,7 @@ Models are cut-down `small` mim-unetr networks (one block per stage, 6 or 12 bas
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -482,6 +483,48 @@ def test_gradient_clipping_sees_the_unscaled_gradients_under_a_grad_scaler():
     assert all(torch.allclose(a.grad, b.grad) for a, b in zip(clipped.parameters(), plain.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("user_made", [True, False])
+def test_bad_input_during_a_new_run_removes_what_it_wrote_and_keeps_a_user_made_folder(command, user_made, tmp_path):
+    """Both commands end a run through the same lifecycle: after bad input, nothing the run wrote is left, and an
+    empty --out folder the user made stays (finetune used to delete it)."""
+    from mim3d.protocol import Emitter
+    from mim3d.runs import RunDir
+    from mim3d.training.finetune_writer import FinetuneRunWriter
+    from mim3d.training.lifecycle import run_lifecycle
+    from mim3d.training.run_writer import RunWriter
+
+    run_dir = RunDir(tmp_path / "run")
+    if user_made:
+        run_dir.path.mkdir()
+    writer_class = FinetuneRunWriter if command == "finetune" else RunWriter
+    writer = writer_class(run_dir, active=True, emitter=Emitter(io.StringIO()), command=command, epochs=1,
+                          steps_per_epoch=1, total_steps=1, log_every=1)
+    with pytest.raises(BadInputError), run_lifecycle(writer, {"command": command}):
+        writer.open(0)
+        writer.set_state("starting")
+        raise BadInputError("case x: unreadable")
+    assert run_dir.path.is_dir() == user_made and not (user_made and any(run_dir.path.iterdir()))
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_an_error_during_a_run_marks_it_failed_with_the_same_message_format(command, tmp_path):
+    from mim3d.protocol import Emitter
+    from mim3d.runs import RunDir
+    from mim3d.training.lifecycle import run_lifecycle
+    from mim3d.training.run_writer import RunWriter
+
+    run_dir = RunDir(tmp_path / "run")
+    writer = RunWriter(run_dir, active=True, emitter=Emitter(io.StringIO()), command=command, epochs=1,
+                       steps_per_epoch=1, total_steps=1, log_every=1)
+    for error, message in ((RuntimeError("boom"), "RuntimeError: boom"), (KeyboardInterrupt(), "KeyboardInterrupt")):
+        with pytest.raises(type(error)), run_lifecycle(writer, {"command": command} if message[0] == "R" else None):
+            writer.open(0)
+            raise error
+        status = read_status(run_dir.path)
+        assert (status["state"], status["message"]) == ("failed", message)
+
+
 def _segmentation_folder(folder: Path) -> Path:
     """a.nii.gz and a.seg.nrrd (on its grid) with segments "liver" and "spleen"."""
     import slicerio
@@ -496,10 +539,10 @@ def _segmentation_folder(folder: Path) -> Path:
     return folder
 
 
-def _source_options(**given) -> dict:
-    from mim3d.training.finetune_options import DEFAULTS
+def _source_options(**given):
+    from mim3d.run_options import FinetuneOptions
 
-    return {**DEFAULTS, **given}
+    return FinetuneOptions(**given)
 
 
 def test_segments_are_numbered_by_a_given_label_table_by_name(tmp_path):
@@ -530,7 +573,7 @@ def _cases(count: int):
 
 
 def test_val_fraction_holds_out_at_least_one_case_and_a_single_case_validates_on_itself():
-    opts = {"val_cases": None, "val_fraction": 0.2, "seed": 0}
+    opts = _source_options(val_cases=None, val_fraction=0.2, seed=0)
     train, val, _ = split(_cases(3), opts)
     assert len(val) == 1 and len(train) == 2 and not set(train) & set(val)
     train, val, _ = split(_cases(10), opts)
@@ -541,5 +584,5 @@ def test_val_fraction_holds_out_at_least_one_case_and_a_single_case_validates_on
 
 def test_val_cases_naming_an_unknown_case_lists_the_cases():
     with pytest.raises(BadInputError, match="--val-cases: no case named case9; the cases are case0, case1"):
-        split(_cases(2), {"val_cases": ["case9"], "val_fraction": 0.2, "seed": 0})
+        split(_cases(2), _source_options(val_cases=("case9",), val_fraction=0.2, seed=0))
 

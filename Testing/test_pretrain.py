@@ -272,6 +272,19 @@ def test_empty_data_folder_exits_2_naming_it_and_leaves_no_run_folder(home, tmp_
     assert not out.exists()
 
 
+def test_scan_found_unusable_during_the_run_exits_2_and_keeps_a_user_made_empty_out_folder(home, tmp_path):
+    """Discovery reads headers only; a constant volume is refused when the run reads it, after the folder exists."""
+    (tmp_path / "flat").mkdir()
+    image = sitk.GetImageFromArray(np.zeros((40, 48, 48), np.int16))
+    sitk.WriteImage(image, str(tmp_path / "flat" / "scan.nii.gz"))
+    out = tmp_path / "mine"
+    out.mkdir()
+    done = run(mim3d_command(*pretrain_args("mae", tmp_path / "flat", "--out", str(out), epochs=1)), home)
+    assert done.returncode == 2
+    assert protocol_events(done.stdout)[-1]["kind"] == "bad_input"
+    assert out.is_dir() and not any(out.iterdir())
+
+
 def _bad_input(argv: list[str], capsys) -> str:
     """Run the CLI in this process; it must answer exit 2 with a bad_input event; returns the message."""
     assert main(["pretrain", *argv]) == 2
@@ -333,8 +346,8 @@ def test_init_from_a_mim3d_checkpoint_starts_from_its_weights(scans, home, refer
     from mim3d.data import discover_volumes
     from mim3d.data.transforms import pretraining_dataset
     from mim3d.models import build_pretrainer, load_pretrained
+    from mim3d.run_options import parse_overrides
     from mim3d.training.distributed import Sharding, World
-    from mim3d.training.options import parse_overrides
     from mim3d.training.pretrain import _loss
 
     source = RunDir(reference_run).checkpoint("last")

@@ -110,3 +110,32 @@ def test_runs_module_imports_without_torch():
                           env={**os.environ, "PYTHONPATH": str(REPO / "MiMSegmentation")})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == list(runs.STATES)
+
+
+@pytest.mark.parametrize("state, offered", [("finished", True), ("stopped", True), ("failed", False),
+                                            ("running", False)])
+def test_a_pretraining_run_offers_its_last_checkpoint_once_finished_or_stopped(state, offered, tmp_path):
+    """A failed or running run's last.pt is only the last epoch it reached, not the run's final weights."""
+    from mim3d.errors import BadInputError
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    run.checkpoint("last").write_bytes(b"")
+    write_json_atomic(run.config, {"command": "pretrain", "model": {"method": "mim"}})
+    write_json_atomic(run.status, {"state": state, "pid": os.getpid()})  # a live pid: "running" stays running
+    if offered:
+        assert runs.pretrained_checkpoint(run.path) == run.checkpoint("last")
+        assert runs.pretrained_checkpoint(run.path, "mim-unetr") == run.checkpoint("last")
+    else:
+        with pytest.raises(BadInputError, match=f"{run.path}: the pre-training run is {state}; use it once it has "
+                           "finished or been stopped"):
+            runs.pretrained_checkpoint(run.path)
+
+
+def test_a_pretraining_run_for_another_architecture_is_refused_with_the_one_to_use(tmp_path):
+    from mim3d.errors import BadInputError
+
+    write_json_atomic(RunDir(tmp_path).config, {"command": "pretrain", "model": {"method": "mae"}})
+    with pytest.raises(BadInputError, match="a mae pre-training run; its encoder fine-tunes with --arch unetr, not "
+                       "--arch mim-unetr"):
+        runs.pretrained_checkpoint(tmp_path, "mim-unetr")

@@ -30,10 +30,10 @@ from typing import Any
 
 from .errors import BadInputError
 from .labels import LabelTable
+from .presets import SEGMENTATION_ARCHS
 
 FORMAT, FORMAT_VERSION = "mim3d-model", 1
 MODEL_JSON, WEIGHTS = "model.json", "weights.safetensors"
-ARCHS = ("mim-unetr", "unetr")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def read_model_json(folder: str | Path) -> ModelInfo:
         return value
 
     arch = need("architecture", "arch", str)
-    if arch not in ARCHS:
-        raise BadInputError(f"{path}: architecture.arch '{arch}' is not one of {', '.join(ARCHS)}")
+    if arch not in SEGMENTATION_ARCHS:
+        raise BadInputError(f"{path}: architecture.arch '{arch}' is not one of {', '.join(SEGMENTATION_ARCHS)}")
     labels = LabelTable.from_dict({"labels": need("labels", kind=list)}, source=str(path))
     num_classes = need("architecture", "num_classes", int)
     if num_classes != labels.num_classes:

@@ -3,6 +3,9 @@
 One frozen dataclass per configured network; ``base`` follows the papers, ``small`` is a CPU-friendly size for tests
 and the CPU demo. ``resolve(kind, preset, **overrides)`` is the one way to get a config: unknown presets and fields are
 rejected by name, string options are checked against their Enum.
+
+The vocabulary below (methods, architectures, preset names, devices, which architecture fine-tunes which encoder) is
+defined here once; the command line's choices, the model builders and the Slicer panel all import it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 
 from .errors import BadInputError
+
+PRETRAINING_METHODS = ("mim", "mae", "simmim")
+SEGMENTATION_ARCHS = ("mim-unetr", "unetr")
+PRESET_NAMES = ("small", "base")  # small: CPU-sized; base: the papers
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when available, else the CPU
+ENCODER_ARCH = {"mim": "mim-unetr", "mae": "unetr", "simmim": "unetr"}  # the segmenter of each encoder (§9.4, §14.2)
 
 
 class AlignForm(StrEnum):
@@ -243,5 +252,6 @@ def _check_roi(roi_size: tuple[int, int, int]) -> None:
         raise BadInputError(f"roi_size: {tuple(roi_size)} must be three positive multiples of 16")
 
 
-__all__ = ["AlignForm", "Level1Grouping", "MiMConfig", "ViTMIMConfig", "MiMUNETRConfig", "UNETRConfig", "PRESETS",
-           "resolve", "config_to_dict"]
+__all__ = ["PRETRAINING_METHODS", "SEGMENTATION_ARCHS", "PRESET_NAMES", "DEVICES", "ENCODER_ARCH", "AlignForm",
+           "Level1Grouping", "MiMConfig", "ViTMIMConfig", "MiMUNETRConfig", "UNETRConfig", "PRESETS", "resolve",
+           "config_to_dict"]

@@ -50,6 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import BadInputError
+from .presets import ENCODER_ARCH
 from .processes import is_running
 
 STATES = ("starting", "running", "stopping", "stopped", "finished", "failed")
@@ -187,6 +189,40 @@ def request_stop(run_dir: str | os.PathLike) -> Path:
     return stop
 
 
+def pretrained_checkpoint(run_dir: str | os.PathLike, arch: str | None = None) -> Path:
+    """The checkpoint a pre-training run offers to fine-tuning: checkpoints/last.pt of a run that ended "finished" or
+    "stopped", i.e. its final weights (pre-training has no validation score to choose a best checkpoint by).
+
+    A run that is still active or that failed is refused: its last.pt is only the last epoch it completed, so
+    "fine-tuned from run X" would not name one set of weights. Resume it first, or give its checkpoints/last.pt file to
+    start from that checkpoint anyway. With `arch`, the run's encoder must fine-tune with that architecture
+    (ENCODER_ARCH).
+
+    Raises:
+        BadInputError: not a pre-training run, an encoder for another architecture, a run that is active or failed,
+            or no checkpoint.
+    """
+    run = RunDir(Path(run_dir).absolute())
+    config = read_json(run.config) or {}
+    if config.get("command") != "pretrain":
+        what = ("a fine-tuning run" if config.get("command") == "finetune" else
+                "not a mim3d run (no readable config.json)")
+        raise BadInputError(f"{run.path}: {what}; choose the folder of a pre-training run, or a checkpoint file")
+    method = config.get("model", {}).get("method")
+    if arch is not None and ENCODER_ARCH.get(method, arch) != arch:
+        raise BadInputError(f"{run.path}: a {method} pre-training run; its encoder fine-tunes with --arch "
+                            f"{ENCODER_ARCH[method]}, not --arch {arch}")
+    if not run.checkpoint("last").is_file():
+        raise BadInputError(f"{run.path}: the run has no checkpoints/last.pt yet (it has not finished an epoch)")
+    state = read_status(run.path)["state"]
+    if state not in ("finished", "stopped"):
+        what = "never started (no status.json)" if state == "missing" else f"is {state}"
+        raise BadInputError(f"{run.path}: the pre-training run {what}; use it once it has finished or been stopped"
+                            f"{' (resume it first)' if state == 'failed' else ''}, or give its checkpoints/last.pt "
+                            "file to start from that checkpoint anyway")
+    return run.checkpoint("last")
+
+
 def list_runs(parent_dir: str | os.PathLike) -> list[dict]:
     """The runs directly inside `parent_dir`, newest update first: their `read_status` plus "run_dir"."""
     parent = Path(parent_dir)
@@ -198,4 +234,4 @@ def list_runs(parent_dir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = ["STATES", "ACTIVE_STATES", "RunDir", "now_iso", "write_json_atomic", "read_json", "read_status",
-           "is_alive", "read_metrics", "request_stop", "list_runs"]
+           "is_alive", "read_metrics", "request_stop", "pretrained_checkpoint", "list_runs"]

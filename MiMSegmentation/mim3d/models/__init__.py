@@ -13,10 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import BadInputError
-from ..presets import resolve
-
-PRETRAINING_METHODS = ("mim", "mae", "simmim")
-SEGMENTATION_ARCHS = ("mim-unetr", "unetr")
+from ..presets import PRETRAINING_METHODS, SEGMENTATION_ARCHS, resolve
 
 
 def build_pretrainer(method: str, preset: str = "base", **overrides) -> nn.Module:

@@ -31,12 +31,12 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from ..errors import BadInputError
+from ..presets import PRETRAINING_METHODS
 from .mim import MiMPretrainer
 from .mim_unetr import MiMUNETR
 
 FORMAT = "mim3d-checkpoint"
 FORMAT_VERSION = 1
-PRETRAINING_METHODS = ("mim", "mae", "simmim")
 SAFE_GLOBALS = [argparse.Namespace]  # the official checkpoints pickle their command line under "args" (§10.1)
 
 # Checkpoint keys of the MiM encoder (§10.2); everything else in a MiM checkpoint is pre-training only (§10.3).

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..devices import use_fast_cuda_kernels
 from ..errors import BadInputError
+from ..presets import DEVICES
 
 log = logging.getLogger("mim3d.training")
 
@@ -73,8 +74,8 @@ def rank_zero_voice(world: World, emitter):
 
 def select_device(requested: str, world: World) -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" is refused on a machine without a usable GPU."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise BadInputError(f"--device: '{requested}'; choose auto, cpu or cuda")
+    if requested not in DEVICES:
+        raise BadInputError(f"--device: '{requested}'; choose {', '.join(DEVICES)}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

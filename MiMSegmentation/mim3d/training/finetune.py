@@ -13,8 +13,8 @@ and at the end, the validation cases are segmented with sliding windows and scor
 (validation.py). The best mean Dice is kept as checkpoints/best.pt and exported as the model package RUN_DIR/model
 (model.json + weights.safetensors), again at the end with the run's final provenance.
 
---pretrained takes an official MiM checkpoint, a mim3d checkpoint, or a `mim3d pretrain` run folder, whose
-checkpoints/last.pt it loads: the run's final weights (pre-training has no validation score to choose a best by).
+--pretrained takes an official MiM checkpoint, a mim3d checkpoint, or a finished or stopped `mim3d pretrain` run
+folder, whose checkpoints/last.pt it loads: the run's final weights (mim3d.runs.pretrained_checkpoint).
 MiM encoders fine-tune as mim-unetr, MAE and SimMIM encoders as unetr (§14.2), with the --preset they were pre-trained
 with. Before the run folder is written, every case is checked and pre-processed once (through the cache), and the
 weights are loaded, so bad input ends with exit code 2 and leaves nothing behind. Stop with SIGTERM, Ctrl-C or
@@ -27,119 +27,129 @@ import argparse
 import functools
 import logging
 import math
-import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
+from .. import run_options
 from ..errors import BadInputError
 from ..models import build_segmenter, load_pretrained
 from ..models.checkpoints import read_checkpoint, save_checkpoint
-from ..presets import config_to_dict, resolve
+from ..presets import MiMUNETRConfig, UNETRConfig, config_to_dict
+from ..presets import resolve as resolve_config
 from ..protocol import Emitter
-from ..runs import RunDir, now_iso, read_json, write_json_atomic
+from ..run_options import FinetuneOptions
+from ..runs import RunDir, now_iso, pretrained_checkpoint, read_json
 from ..runtime import keep_freed_memory
-from . import distributed, engine, finetune_data, finetune_options, options
+from . import distributed, engine, finetune_data
 from .distributed import Sharding, World, derive_seed, unwrap
 from .finetune_writer import PACKAGE_DIR, FinetuneRunWriter, best_record, export_package, package_preprocessing
-from .run_writer import StopController
+from .lifecycle import check_new_run_folder, finish, run_lifecycle
 from .validation import summarize, validate_cases
 
 log = logging.getLogger("mim3d.training")
-ENCODER_ARCH = {"mim": "mim-unetr", "mae": "unetr", "simmim": "unetr"}  # §9.4, §14.2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    finetune_options.add_arguments(parser)
+    run_options.add_arguments(parser, FinetuneOptions)
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
     world = distributed.world_from_env()
     emitter = distributed.rank_zero_voice(world, emitter)
-    opts, resume = finetune_options.resolve(args)
-    device = distributed.select_device(opts["device"], world)
+    setup = prepare(args, world, emitter)
+    distributed.init_process_group(world, setup.device)  # all processes have validated everything: now write
+    try:
+        train(setup, emitter)
+    finally:
+        distributed.shutdown(world)
+
+
+@dataclass
+class Setup:
+    """Everything a fine-tuning run needs, built and checked before anything is written."""
+
+    opts: FinetuneOptions  # resolved (config.json "options")
+    resume: RunDir | None
+    world: World
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    data: finetune_data.FinetuneData
+    model: torch.nn.Module
+    model_config: MiMUNETRConfig | UNETRConfig
+    datasets: tuple  # (training, validation)
+    sharding: Sharding
+    plan: dict  # config.json "optimization"
+    pretrained: dict | None  # what --pretrained loaded (config.json "pretrained")
+
+    @property
+    def run_dir(self) -> RunDir:
+        return self.resume or RunDir(self.opts.out)
+
+
+# ---- before anything is written -------------------------------------------------------------------------------------
+
+def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
+    """Check every input, read every case once and build the model. Raises BadInputError, naming the input."""
+    opts, resume = run_options.resolve(FinetuneOptions, args)
+    device = distributed.select_device(opts.device, world)
     data = finetune_data.load_data(opts)
     log.info("%s", data.describe())
     model, model_config = _build_model(opts, data.table)
-    sharding = Sharding(len(data.train), opts["batch_size"], opts["accum"], world, opts["seed"])
-    plan = finetune_options.optimisation_plan(opts, sharding)
+    sharding = Sharding(len(data.train), opts.batch_size, opts.accum, world, opts.seed)
+    plan = optimisation_plan(opts, sharding)
     pretrained = None
     if resume is None:
-        options.check_new_run_folder(Path(opts["out"]))
+        check_new_run_folder(Path(opts.out))
         pretrained = _load_pretrained(model, opts)
     else:
         finetune_data.check_resume_matches(read_json(resume.config), data, resume.path)
-    precision, note = engine.choose_precision(device, opts["amp"])
+    precision, note = engine.choose_precision(device, opts.amp)
     if note:
         log.warning(note)
     log.info("%s", plan["lr_note"])
     datasets = _datasets(data, opts)
     finetune_data.prepare(data, datasets[0].cached, emitter)
-    distributed.init_process_group(world, device)  # every process has validated everything before anything is written
-    try:
-        _train(opts, resume, world, device, precision, model, model_config, data, datasets, sharding, plan,
-               pretrained, emitter)
-    finally:
-        distributed.shutdown(world)
+    return Setup(opts, resume, world, device, precision, data, model, model_config, datasets, sharding, plan,
+                 pretrained)
 
 
-# ---- before anything is written -------------------------------------------------------------------------------------
-
-def _build_model(opts: dict, table):
-    config = resolve(opts["arch"], opts["preset"], **opts["override"])
-    torch.manual_seed(derive_seed(opts["seed"], "init"))  # the same initial weights in every process
-    model = build_segmenter(opts["arch"], table.num_classes, opts["preset"], tuple(opts["roi"]), 1, **opts["override"])
+def _build_model(opts: FinetuneOptions, table):
+    config = resolve_config(opts.arch, opts.preset, **opts.override)
+    torch.manual_seed(derive_seed(opts.seed, "init"))  # the same initial weights in every process
+    model = build_segmenter(opts.arch, table.num_classes, opts.preset, opts.roi, 1, **opts.override)
     return model, config
 
 
-def pretrained_checkpoint(path: Path, arch: str) -> Path:
-    """The checkpoint file --pretrained names: the file itself, or a pre-training run's checkpoints/last.pt.
-
-    Raises:
-        BadInputError: a folder that is not a pre-training run, a run without a checkpoint yet, or a run whose method
-            needs the other architecture.
-    """
-    if not path.is_dir():
-        return path
-    run = RunDir(path)
-    config = read_json(run.config)
-    if config is None or config.get("command") != "pretrain":
-        found = f"a {config['command']} run" if config and config.get("command") else "no mim3d run (no config.json)"
-        raise BadInputError(f"--pretrained {path}: is a folder holding {found}; give a checkpoint file or the folder "
-                            "of a `mim3d pretrain` run")
-    method = config.get("model", {}).get("method")
-    if ENCODER_ARCH.get(method, arch) != arch:
-        raise BadInputError(f"--pretrained {path}: a {method} pre-training run; its encoder fine-tunes with --arch "
-                            f"{ENCODER_ARCH[method]}, not --arch {arch}")
-    if not run.checkpoint("last").exists():
-        raise BadInputError(f"--pretrained {path}: the run has no checkpoints/last.pt yet (it has not finished an "
-                            "epoch)")
-    return run.checkpoint("last")
-
-
-def _load_pretrained(model, opts: dict) -> dict | None:
+def _load_pretrained(model, opts: FinetuneOptions) -> dict | None:
     """Load --pretrained into the model; what was loaded, for config.json and the package's provenance."""
-    if not opts["pretrained"]:
+    if not opts.pretrained:
         log.info("no --pretrained: training from scratch")
         return None
-    checkpoint = pretrained_checkpoint(Path(opts["pretrained"]), opts["arch"])
+    checkpoint = Path(opts.pretrained)
+    if checkpoint.is_dir():
+        try:
+            checkpoint = pretrained_checkpoint(checkpoint, opts.arch)
+        except BadInputError as e:
+            raise BadInputError(f"--pretrained {e}") from e
     report = load_pretrained(model, checkpoint)  # refuses non-checkpoints, and encoders of the other architecture
     log.info("--pretrained %s", report.summary())
-    return {"from": opts["pretrained"], "checkpoint": str(checkpoint), "source": report.source,
+    return {"from": opts.pretrained, "checkpoint": str(checkpoint), "source": report.source,
             "method": report.method, "loaded": len(report.loaded), "ignored": len(report.ignored),
             "missing": len(report.missing), "adapted": report.adapted, "summary": report.summary()}
 
 
-def _datasets(data: finetune_data.FinetuneData, opts: dict):
+def _datasets(data: finetune_data.FinetuneData, opts: FinetuneOptions):
     from ..data.transforms import FinetunePreprocessing, finetune_train_dataset, finetune_val_dataset
 
-    settings = FinetunePreprocessing(spacing_mm=tuple(opts["spacing"]), hu_window=tuple(opts["intensity"]),
-                                     roi=tuple(opts["roi"]), num_samples=opts["samples_per_volume"])
-    cache = Path(opts["cache"])
-    return (finetune_train_dataset(data.train, settings, cache, seed=opts["seed"]),
+    settings = FinetunePreprocessing(spacing_mm=opts.spacing, hu_window=opts.intensity, roi=opts.roi,
+                                     num_samples=opts.samples_per_volume)
+    cache = Path(opts.cache)
+    return (finetune_train_dataset(data.train, settings, cache, seed=opts.seed),
             finetune_val_dataset(data.val, settings, cache))
 
 
@@ -163,71 +173,59 @@ class ClippedAdamW(torch.optim.AdamW):
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 
-def _train(opts, resume, world: World, device, precision, model, model_config, data, datasets, sharding, plan,
-           pretrained, emitter: Emitter) -> None:
-    run_dir = RunDir(resume.path if resume else opts["out"])
-    created = resume is None
-    config = read_json(run_dir.config) if resume else _config_json(opts, model_config, data, plan, pretrained,
-                                                                       world, device, precision)
-    if created and world.is_main:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir.config, config)
-    writer = FinetuneRunWriter(run_dir, active=world.is_main, emitter=emitter, command="finetune",
-                               epochs=opts["epochs"], steps_per_epoch=plan["steps_per_epoch"],
-                               total_steps=plan["total_steps"], log_every=opts["log_every"])
-    stop = StopController(run_dir.stop_file if world.is_main else None)
-    if device.type == "cpu":
+def train(s: Setup, emitter: Emitter) -> None:
+    """Write the run folder and train; a stop request ends it "stopped" (no exception), anything else "failed"."""
+    config = read_json(s.run_dir.config) if s.resume else _config_json(s)
+    writer = FinetuneRunWriter(s.run_dir, active=s.world.is_main, emitter=emitter, command="finetune",
+                               epochs=s.opts.epochs, steps_per_epoch=s.plan["steps_per_epoch"],
+                               total_steps=s.plan["total_steps"], log_every=s.opts.log_every)
+    if s.device.type == "cpu":
         keep_freed_memory()  # steps reuse the same large buffers (mim3d.runtime)
-    try:
-        model.to(device)
-        model = distributed.wrap_model(model, world, device)
-        optimizer = ClippedAdamW(engine.param_groups(unwrap(model), opts["weight_decay"]), lr=plan["lr"],
-                                 betas=tuple(plan["betas"]), max_norm=opts["clip_grad"])
-        schedule = functools.partial(engine.lr_at, lr=plan["lr"], min_lr=opts["min_lr"],
-                                     warmup_steps=plan["warmup_steps"], total_steps=plan["scheduled_steps"])
-        criterion = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
-        trainer = engine.Trainer(model, optimizer, functools.partial(_loss, seed=opts["seed"], device=device,
-                                                                     criterion=criterion),
-                                 schedule, device, precision, opts["accum"], world, stop, writer, plan["total_steps"],
-                                 sharding.global_batch)
-        if resume:
-            engine.restore(trainer, read_checkpoint(run_dir.checkpoint("last"))[1])
-            writer.set_best(best_record(run_dir))
-        writer.open(trainer.step, preamble=_preamble(opts, data, plan, resume, trainer.step, precision, pretrained))
-        writer.set_state("starting", f"step {trainer.step} of {plan['total_steps']}")
-        batches = functools.partial(distributed.epoch_batches, datasets[0], sharding, opts["workers"], device,
+    with run_lifecycle(writer, None if s.resume else config) as stop:
+        trainer = _trainer(s, writer, stop)
+        if s.resume:
+            engine.restore(trainer, read_checkpoint(s.run_dir.checkpoint("last"))[1])
+            writer.set_best(best_record(s.run_dir))
+        writer.open(trainer.step, preamble=_preamble(s, trainer.step))
+        writer.set_state("starting", f"step {trainer.step} of {s.plan['total_steps']}")
+        batches = functools.partial(distributed.epoch_batches, s.datasets[0], s.sharding, s.opts.workers, s.device,
                                     collate_fn=list_data_collate, items="cases")
-        meta = {"method": opts["arch"], "config": config_to_dict(model_config), "run": opts,
-                "num_classes": data.table.num_classes}
-        state = _fit_and_validate(trainer, batches, plan, opts, meta,
-                                  functools.partial(_validate, trainer, datasets[1], data, opts, config))
-        distributed.barrier(world)
-        if state == "finished" and world.is_main and writer.best is not None:
-            export_package(run_dir, config, writer.best, trainer.step)  # the final provenance, from best.pt
-    except BadInputError:
-        writer.close()
-        if created and world.is_main and not run_dir.checkpoint("last").exists():
-            shutil.rmtree(run_dir.path, ignore_errors=True)  # bad input leaves no half-made run behind
-        raise
-    except BaseException as e:
-        writer.set_state("failed", f"{type(e).__name__}: {e}")
-        writer.close()
-        raise
-    finally:
-        stop.close()
-    _finish(writer, trainer, state, plan, emitter)
+        meta = {"method": s.opts.arch, "config": config_to_dict(s.model_config), "run": s.opts.to_dict(),
+                "num_classes": s.data.table.num_classes}
+        state = _fit_and_validate(trainer, batches, s.plan, s.opts, meta,
+                                  functools.partial(_validate, trainer, s.datasets[1], s.data, s.opts, config))
+        distributed.barrier(s.world)
+        if state == "finished" and s.world.is_main and writer.best is not None:
+            export_package(s.run_dir, config, writer.best, trainer.step)  # the final provenance, from best.pt
+    package = s.run_dir.path / PACKAGE_DIR
+    best = writer.best or {}
+    finish(writer, trainer, state, s.plan, emitter, best_mean_dice=writer.status["best_mean_dice"],
+           best_dice=writer.status["best_dice"], best_step=best.get("step"),
+           model_package=str(package) if package.is_dir() else None)
 
 
-def _fit_and_validate(t: engine.Trainer, batches, plan: dict, opts: dict, meta: dict, validate) -> str:
+def _trainer(s: Setup, writer: FinetuneRunWriter, stop) -> engine.Trainer:
+    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
+    optimizer = ClippedAdamW(engine.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
+                             betas=tuple(s.plan["betas"]), max_norm=s.opts.clip_grad)
+    schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts.min_lr,
+                                 warmup_steps=s.plan["warmup_steps"], total_steps=s.plan["scheduled_steps"])
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    loss_fn = functools.partial(_loss, seed=s.opts.seed, device=s.device, criterion=criterion)
+    return engine.Trainer(model, optimizer, loss_fn, schedule, s.device, s.precision, s.opts.accum, s.world, stop,
+                          writer, s.plan["total_steps"], s.sharding.global_batch)
+
+
+def _fit_and_validate(t: engine.Trainer, batches, plan: dict, opts: FinetuneOptions, meta: dict, validate) -> str:
     """engine.fit in stretches that end where a validation is due (every --val-every epochs), validating after each,
     and once more at the end of a finished run unless its last step was just validated."""
-    spe, total, every = plan["steps_per_epoch"], plan["total_steps"], opts["val_every"]
+    spe, total, every = plan["steps_per_epoch"], plan["total_steps"], opts.val_every
     state, validated_at = "finished", None
     while t.step < total and not t.stopped:
         due = (t.step // spe // every + 1) * every * spe  # the step that completes the next validation epoch
         t.total_steps = min(total, due)
-        state = engine.fit(t, batches, steps_per_epoch=spe, epochs=opts["epochs"],
-                           checkpoint_every=opts["checkpoint_every"], checkpoint_meta=meta)
+        state = engine.fit(t, batches, steps_per_epoch=spe, epochs=opts.epochs,
+                           checkpoint_every=opts.checkpoint_every, checkpoint_meta=meta)
         if t.step == due:  # also when a stop came at the epoch's last step: the resumed run starts after it
             validate()
             validated_at = t.step
@@ -237,7 +235,7 @@ def _fit_and_validate(t: engine.Trainer, batches, plan: dict, opts: dict, meta: 
     return state
 
 
-def _validate(t: engine.Trainer, dataset, data, opts: dict, config: dict) -> None:
+def _validate(t: engine.Trainer, dataset, data, opts: FinetuneOptions, config: dict) -> None:
     """Validate on every process's share of the cases, merge, and on a better mean Dice write best.pt and the package
     (rank 0). A score that is NaN (nothing to score) counts as the worst."""
     writer, world = t.writer, t.world
@@ -246,7 +244,7 @@ def _validate(t: engine.Trainer, dataset, data, opts: dict, config: dict) -> Non
     def progress(i: int, name: str) -> None:
         writer.emitter.progress("validation", i / len(mine), f"validating {name} ({i + 1}/{len(mine)})")
 
-    per_case = validate_cases(unwrap(t.model), dataset, mine, data.table, tuple(opts["roi"]), t.device, t.precision,
+    per_case = validate_cases(unwrap(t.model), dataset, mine, data.table, opts.roi, t.device, t.precision,
                               progress)
     merged = {k: v for part in distributed.gather_objects(per_case, world) for k, v in part.items()}
     result = summarize({c.name: merged[c.name] for c in data.val}, data.table)
@@ -256,7 +254,7 @@ def _validate(t: engine.Trainer, dataset, data, opts: dict, config: dict) -> Non
                          "dice": result.dice})
     if better and writer.active:
         save_checkpoint(writer.run.checkpoint("best"), model_state=unwrap(t.model).state_dict(),
-                        method=opts["arch"], config=config["model"]["config"], step=t.step, validation=writer.best)
+                        method=opts.arch, config=config["model"]["config"], step=t.step, validation=writer.best)
         export_package(writer.run, config, writer.best, t.step, unwrap(t.model))
     writer.validation(t.step, result, better)
 
@@ -274,33 +272,50 @@ def _loss(model, batch, epoch: int, *, seed: int, device: torch.device, criterio
     return {"loss": criterion(logits.float(), crops["label"].to(device, non_blocking=True))}
 
 
-def _finish(writer: FinetuneRunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:
-    message = writer.end(state, trainer.step, trainer.stop.reason, plan)
-    package = writer.run.path / PACKAGE_DIR
-    best = writer.best or {}
-    emitter.result(state=state, run_dir=str(writer.run.path), step=trainer.step, total_steps=plan["total_steps"],
-                   epoch=writer.status["epoch"], loss=writer.status["loss"],
-                   last_checkpoint=writer.status["last_checkpoint"], best_mean_dice=writer.status["best_mean_dice"],
-                   best_dice=writer.status["best_dice"], best_step=best.get("step"),
-                   model_package=str(package) if package.is_dir() else None, message=message)
-
-
-def _config_json(opts, model_config, data, plan, pretrained, world: World, device, precision) -> dict:
+def _config_json(s: Setup) -> dict:
     import mim3d
 
     return {"command": "finetune", "created": now_iso(),
             "versions": {"mim3d": mim3d.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-            "options": opts,
-            "model": {"arch": opts["arch"], "preset": opts["preset"], "config": config_to_dict(model_config),
-                      "num_classes": data.table.num_classes, "in_channels": 1, "roi_size": list(opts["roi"])},
-            "preprocessing": package_preprocessing(opts), "data": data.to_config(), "pretrained": pretrained,
-            "optimization": plan, "runtime": {"device": device.type, "precision": precision, "world_size": world.size}}
+            "options": s.opts.to_dict(),
+            "model": {"arch": s.opts.arch, "preset": s.opts.preset, "config": config_to_dict(s.model_config),
+                      "num_classes": s.data.table.num_classes, "in_channels": 1, "roi_size": list(s.opts.roi)},
+            "preprocessing": package_preprocessing(s.opts), "data": s.data.to_config(), "pretrained": s.pretrained,
+            "optimization": s.plan,
+            "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
 
 
-def _preamble(opts, data, plan, resume, step, precision, pretrained) -> str:
+def _preamble(s: Setup, step: int) -> str:
     """What log.txt starts each process's section with."""
-    action = f"resuming at step {step}" if resume else "new run"
-    start = f"pre-trained: {pretrained['summary']}" if pretrained else ("from scratch" if not resume else "")
-    return (f"==== mim3d finetune {opts['arch']} ({opts['preset']}): {action}, {now_iso()}\n{data.describe()}\n"
-            f"{start}\n{plan['lr_note']}\nprecision {precision}, {plan['steps_per_epoch']} steps per epoch, "
-            f"{plan['total_steps']} steps to run in all\n")
+    action = f"resuming at step {step}" if s.resume else "new run"
+    start = f"pre-trained: {s.pretrained['summary']}" if s.pretrained else ("from scratch" if not s.resume else "")
+    return (f"==== mim3d finetune {s.opts.arch} ({s.opts.preset}): {action}, {now_iso()}\n{s.data.describe()}\n"
+            f"{start}\n{s.plan['lr_note']}\nprecision {s.precision}, {s.plan['steps_per_epoch']} steps per epoch, "
+            f"{s.plan['total_steps']} steps to run in all\n")
+
+
+def optimisation_plan(opts: FinetuneOptions, sharding: Sharding) -> dict:
+    """Effective batch, learning rate and step counts (config.json "optimization").
+
+    The learning rate is --lr as given (the BTCV recipe's batch scaling factor is 1 at its batch, §9.5).
+
+    Raises:
+        BadInputError: fewer training cases than one optimiser step needs.
+    """
+    spe, batch = sharding.steps_per_epoch, sharding.global_batch
+    if spe < 1:
+        raise BadInputError(f"{sharding.num_items} training cases, but one optimiser step takes batch "
+                            f"{opts.batch_size} × accum {opts.accum} × {sharding.world.size} process(es) = "
+                            f"{batch} cases; lower --batch-size or --accum, or add cases")
+    crops = batch * opts.samples_per_volume
+    scheduled = opts.epochs * spe
+    return {"effective_batch": batch, "crops_per_step": crops, "batch_size": opts.batch_size,
+            "accum": opts.accum, "world_size": sharding.world.size, "lr": opts.lr,
+            "lr_note": (f"lr {opts.lr:.4g} (--lr as given); effective batch {batch} case(s) × "
+                        f"{opts.samples_per_volume} crops = {crops} crops per step (batch {opts.batch_size} × "
+                        f"accum {opts.accum} × {sharding.world.size} process(es))"),
+            "min_lr": opts.min_lr, "weight_decay": opts.weight_decay, "betas": [0.9, 0.999],
+            "clip_grad": opts.clip_grad, "epochs": opts.epochs, "warmup_epochs": opts.warmup_epochs,
+            "warmup_steps": opts.warmup_epochs * spe, "steps_per_epoch": spe, "scheduled_steps": scheduled,
+            "total_steps": min(scheduled, opts.max_steps or scheduled),
+            "cases_unused_per_epoch": sharding.num_items - spe * batch}

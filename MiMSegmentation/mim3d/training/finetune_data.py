@@ -20,6 +20,7 @@ from ..data.finetune_sources import FinetuneCase
 from ..errors import BadInputError
 from ..labels import LabelTable
 from ..protocol import Emitter
+from ..run_options import FinetuneOptions
 from .distributed import derive_seed
 
 log = logging.getLogger("mim3d.training")
@@ -47,7 +48,7 @@ class FinetuneData:
                 "train": [c.name for c in self.train], "val": [c.name for c in self.val], "split": self.split_note}
 
 
-def load_data(opts: dict) -> FinetuneData:
+def load_data(opts: FinetuneOptions) -> FinetuneData:
     """Find the cases, take the label table, apply the label map, check every case, and split.
 
     Raises:
@@ -57,24 +58,24 @@ def load_data(opts: dict) -> FinetuneData:
     cases, table, source = _cases_and_table(opts)
     if not cases:
         raise BadInputError(f"{source}: no labelled case found")
-    if opts["label_map"] is not None:
-        cases = [dataclasses.replace(c, label_map=_typed_map(c, opts["label_map"])) for c in cases]
-    elif opts["label_table"] and opts["segmentations"]:
+    if opts.label_map is not None:
+        cases = [dataclasses.replace(c, label_map=_typed_map(c, opts.label_map)) for c in cases]
+    elif opts.label_table and opts.segmentations:
         cases = [dataclasses.replace(c, label_map=_names_to_table(c, table)) for c in cases]
     validate_cases(cases, table)
     train, val, note = split(cases, opts)
     return FinetuneData(cases, table, train, val, source, note)
 
 
-def _cases_and_table(opts: dict) -> tuple[list[FinetuneCase], LabelTable | None, str]:
-    table = LabelTable.load(opts["label_table"]) if opts["label_table"] else None
-    if opts["images"]:
-        return cases_from_folders(opts["images"], opts["labels"]), table, f"{opts['images']} + {opts['labels']}"
-    if opts["dataset"]:
-        cases, own = cases_from_dataset_json(opts["dataset"])
-        return cases, table or own, opts["dataset"]
-    cases, own = cases_from_segmentations(opts["segmentations"])
-    return cases, table or own, opts["segmentations"]
+def _cases_and_table(opts: FinetuneOptions) -> tuple[list[FinetuneCase], LabelTable | None, str]:
+    table = LabelTable.load(opts.label_table) if opts.label_table else None
+    if opts.images:
+        return cases_from_folders(opts.images, opts.labels), table, f"{opts.images} + {opts.labels}"
+    if opts.dataset:
+        cases, own = cases_from_dataset_json(opts.dataset)
+        return cases, table or own, opts.dataset
+    cases, own = cases_from_segmentations(opts.segmentations)
+    return cases, table or own, opts.segmentations
 
 
 def _typed_map(case: FinetuneCase, label_map: dict[str, int]) -> dict:
@@ -98,32 +99,32 @@ def _names_to_table(case: FinetuneCase, table: LabelTable) -> dict[str, int]:
     return {n: table.by_name(n).value for n in names}
 
 
-def split(cases: list[FinetuneCase], opts: dict) -> tuple[list[FinetuneCase], list[FinetuneCase], str]:
+def split(cases: list[FinetuneCase], opts: FinetuneOptions) -> tuple[list[FinetuneCase], list[FinetuneCase], str]:
     """(training cases, validation cases, a note saying how they were chosen); module docstring."""
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise BadInputError(f"case names repeat ({', '.join(repeated)}); each case needs a unique name")
-    if opts["val_cases"]:
-        unknown = [n for n in opts["val_cases"] if n not in names]
+    if opts.val_cases:
+        unknown = [n for n in opts.val_cases if n not in names]
         if unknown:
             raise BadInputError(f"--val-cases: no case named {', '.join(unknown)}; the cases are {', '.join(names)}")
-        val = [c for c in cases if c.name in opts["val_cases"]]
-        train = [c for c in cases if c.name not in opts["val_cases"]]
+        val = [c for c in cases if c.name in opts.val_cases]
+        train = [c for c in cases if c.name not in opts.val_cases]
         if not train:
             raise BadInputError("--val-cases: names every case, which leaves none to train on")
         return train, val, "--val-cases"
-    count = max(1, round(opts["val_fraction"] * len(cases))) if opts["val_fraction"] > 0 else 0
+    count = max(1, round(opts.val_fraction * len(cases))) if opts.val_fraction > 0 else 0
     if len(cases) < 2 or count == 0:
         note = "validated on the training case(s): the Dice says how well the model fits them, not how it generalises"
         log.warning("%s", note)
         return cases, cases, note
     count = min(count, len(cases) - 1)
-    order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(derive_seed(opts["seed"], "split")))
+    order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(derive_seed(opts.seed, "split")))
     held_out = set(order[:count].tolist())
     return ([c for i, c in enumerate(cases) if i not in held_out], [c for i, c in enumerate(cases) if i in held_out],
-            f"--val-fraction {opts['val_fraction']:g}: {count} of {len(cases)} held out at random (seed "
-            f"{opts['seed']})")
+            f"--val-fraction {opts.val_fraction:g}: {count} of {len(cases)} held out at random (seed "
+            f"{opts.seed})")
 
 
 def check_resume_matches(config: dict, data: FinetuneData, run_dir: Path) -> None:

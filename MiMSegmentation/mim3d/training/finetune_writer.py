@@ -22,6 +22,7 @@ from ..labels import LabelTable
 from ..models import build_segmenter
 from ..models.checkpoints import read_checkpoint
 from ..package import ModelInfo, save_package
+from ..run_options import FinetuneOptions
 from ..runs import RunDir, now_iso
 from .run_writer import RunWriter
 from .validation import BLEND, OVERLAP, ValidationResult
@@ -79,9 +80,9 @@ def best_record(run: RunDir) -> dict | None:
 
 # ---- the model package ----------------------------------------------------------------------------------------------
 
-def package_preprocessing(opts: dict) -> dict:
+def package_preprocessing(opts: FinetuneOptions) -> dict:
     """model.json "preprocessing": what `mim3d segment` must do to a scan before the network sees it (§9.5)."""
-    return {"orientation": "RAS", "spacing_mm": list(opts["spacing"]), "intensity_window_hu": list(opts["intensity"]),
+    return {"orientation": "RAS", "spacing_mm": list(opts.spacing), "intensity_window_hu": list(opts.intensity),
             "foreground_crop": True}
 
 

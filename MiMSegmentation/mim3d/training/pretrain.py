@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +24,29 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import __version__
+from .. import __version__, run_options
 from ..data import Discovery, discover_volumes, pretraining_dataset
 from ..errors import BadInputError
 from ..models import build_pretrainer, load_pretrained
 from ..models.checkpoints import read_checkpoint
 from ..presets import config_to_dict
 from ..protocol import Emitter
-from ..runs import RunDir, now_iso, write_json_atomic
+from ..run_options import PretrainOptions, absolute_paths
+from ..runs import RunDir, now_iso, read_json
 from ..runtime import keep_freed_memory
-from . import distributed, engine, options
+from . import distributed, engine
 from .distributed import Sharding, World, derive_seed, unwrap
+from .lifecycle import check_new_run_folder, finish, run_lifecycle
 from .run_writer import RunWriter, StopController
 
 log = logging.getLogger("mim3d.training")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_arguments(parser)
+    run_options.add_arguments(parser, PretrainOptions)
+    parser.add_argument("--check-data", action="store_true", help="only find the scans under --data and report them "
+                        "(a result event with the discovery summary: count, formats, spacings, skipped files and why); "
+                        "writes nothing")
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace, emitter: Emitter) -> None:
 class Setup:
     """Everything a run needs, built and checked before anything is written."""
 
-    opts: dict  # the resolved options (config.json "options")
+    opts: PretrainOptions  # resolved (config.json "options")
     resume: RunDir | None
     world: World
     device: torch.device
@@ -76,7 +80,7 @@ class Setup:
 
     @property
     def run_dir(self) -> RunDir:
-        return self.resume or RunDir(self.opts["out"])
+        return self.resume or RunDir(self.opts.out)
 
 
 def check_data(args: argparse.Namespace, emitter: Emitter) -> None:
@@ -87,7 +91,7 @@ def check_data(args: argparse.Namespace, emitter: Emitter) -> None:
         raise BadInputError("--check-data checks the --data folders of a new run; it does not go with --resume")
     if not args.data:
         raise BadInputError("--check-data needs --data DIR (the folders of scans to check)")
-    folders = options.absolute_paths(args.data)
+    folders = absolute_paths(args.data)
     discovery = discover_volumes(folders)
     print(discovery.describe(), file=sys.stderr, flush=True)
     emitter.result(folders=folders, summary=discovery.summary(), description=discovery.describe())
@@ -97,28 +101,28 @@ def check_data(args: argparse.Namespace, emitter: Emitter) -> None:
 
 def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     """Check every input and build the model and data. Raises BadInputError, naming the input, on any problem."""
-    opts, resume = options.resolve(args)
-    device = distributed.select_device(opts["device"], world)
-    discovery = _discover(opts["data"], emitter, world)
+    opts, resume = run_options.resolve(PretrainOptions, args)
+    device = distributed.select_device(opts.device, world)
+    discovery = _discover(opts.data, emitter, world)
     model = _build_model(opts, device)
-    sharding = Sharding(len(discovery.volumes), opts["batch_size"], opts["accum"], world, opts["seed"])
-    plan = options.optimisation_plan(opts, sharding)
+    sharding = Sharding(len(discovery.volumes), opts.batch_size, opts.accum, world, opts.seed)
+    plan = optimisation_plan(opts, sharding)
     if resume is None:
-        options.check_new_run_folder(Path(opts["out"]))
-        if opts["init"]:
-            log.info("--init: %s", load_pretrained(model, opts["init"]).summary())
+        check_new_run_folder(Path(opts.out))
+        if opts.init:
+            log.info("--init: %s", load_pretrained(model, opts.init).summary())
     else:
-        options.check_resume_matches(resume, discovery, plan)
-    precision, note = engine.choose_precision(device, opts["amp"])
+        check_resume_matches(resume, discovery, plan)
+    precision, note = engine.choose_precision(device, opts.amp)
     if note:
         log.warning(note)
     log.info("%s", plan["lr_note"])
     crop_size = getattr(model.config, "crop_size", model.config.input_size)  # MiM: 2 × input_size (§4.1)
-    dataset = pretraining_dataset(discovery.volumes, crop_size, Path(opts["cache"]), seed=opts["seed"])
+    dataset = pretraining_dataset(discovery.volumes, crop_size, Path(opts.cache), seed=opts.seed)
     return Setup(opts, resume, world, device, precision, discovery, model, dataset, sharding, plan)
 
 
-def _discover(folders: list[str], emitter: Emitter, world: World) -> Discovery:
+def _discover(folders: tuple[str, ...], emitter: Emitter, world: World) -> Discovery:
     discovery = discover_volumes(folders)
     if world.is_main:
         print(discovery.describe(), file=sys.stderr, flush=True)
@@ -127,80 +131,48 @@ def _discover(folders: list[str], emitter: Emitter, world: World) -> Discovery:
     return discovery
 
 
-def _build_model(opts: dict, device: torch.device) -> nn.Module:
-    overrides = dict(opts["override"])
-    if (opts["method"] == "mim" and opts["preset"] == "base" and device.type == "cpu"
+def _build_model(opts: PretrainOptions, device: torch.device) -> nn.Module:
+    overrides = dict(opts.override)
+    if (opts.method == "mim" and opts.preset == "base" and device.type == "cpu"
             and "activation_checkpointing" not in overrides):
         overrides["activation_checkpointing"] = True  # the base preset's activations do not fit a CPU's memory
         log.info("activation checkpointing on (MiM base preset on the CPU; same results, less memory)")
-    torch.manual_seed(derive_seed(opts["seed"], "init"))  # the same initial weights in every process
-    return build_pretrainer(opts["method"], opts["preset"], **overrides)
+    torch.manual_seed(derive_seed(opts.seed, "init"))  # the same initial weights in every process
+    return build_pretrainer(opts.method, opts.preset, **overrides)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 
 def train(s: Setup, emitter: Emitter) -> None:
     """Write the run folder and train; a stop request ends it "stopped" (no exception), anything else "failed"."""
-    run_dir, created, existed = s.run_dir, s.resume is None, s.run_dir.path.exists()
-    if created and s.world.is_main:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir.config, _config_json(s))
-    writer = RunWriter(run_dir, active=s.world.is_main, emitter=emitter, command="pretrain", epochs=s.opts["epochs"],
+    writer = RunWriter(s.run_dir, active=s.world.is_main, emitter=emitter, command="pretrain", epochs=s.opts.epochs,
                        steps_per_epoch=s.plan["steps_per_epoch"], total_steps=s.plan["total_steps"],
-                       log_every=s.opts["log_every"])
-    stop = StopController(run_dir.stop_file if s.world.is_main else None)
+                       log_every=s.opts.log_every)
     if s.device.type == "cpu":
         keep_freed_memory()  # steps reuse the same large buffers (mim3d.runtime)
-    try:
+    with run_lifecycle(writer, None if s.resume else _config_json(s)) as stop:
         trainer = _trainer(s, writer, stop)
         if s.resume:
-            engine.restore(trainer, read_checkpoint(run_dir.checkpoint("last"))[1])
+            engine.restore(trainer, read_checkpoint(s.run_dir.checkpoint("last"))[1])
         writer.open(trainer.step, preamble=_preamble(s, trainer.step))
         writer.set_state("starting", f"step {trainer.step} of {s.plan['total_steps']}")
-        batches = functools.partial(distributed.epoch_batches, s.dataset, s.sharding, s.opts["workers"], s.device)
-        meta = {"method": s.opts["method"], "config": config_to_dict(s.model.config), "run": s.opts}
-        state = engine.fit(trainer, batches, steps_per_epoch=s.plan["steps_per_epoch"], epochs=s.opts["epochs"],
-                           checkpoint_every=s.opts["checkpoint_every"], checkpoint_meta=meta)
+        batches = functools.partial(distributed.epoch_batches, s.dataset, s.sharding, s.opts.workers, s.device)
+        meta = {"method": s.opts.method, "config": config_to_dict(s.model.config), "run": s.opts.to_dict()}
+        state = engine.fit(trainer, batches, steps_per_epoch=s.plan["steps_per_epoch"], epochs=s.opts.epochs,
+                           checkpoint_every=s.opts.checkpoint_every, checkpoint_meta=meta)
         distributed.barrier(s.world)
-    except BadInputError:
-        writer.close()
-        if created and s.world.is_main and not run_dir.checkpoint("last").exists():
-            _remove_run(run_dir.path, keep_folder=existed)  # bad input leaves no half-made run behind
-        raise
-    except BaseException as e:
-        writer.set_state("failed", f"{type(e).__name__}: {e}".rstrip(": "))
-        writer.close()
-        raise
-    finally:
-        stop.close()
-    _finish(writer, trainer, state, s.plan, emitter)
+    finish(writer, trainer, state, s.plan, emitter)
 
 
 def _trainer(s: Setup, writer: RunWriter, stop: StopController) -> engine.Trainer:
     model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
-    optimizer = torch.optim.AdamW(engine.param_groups(s.model, s.opts["weight_decay"]), lr=s.plan["lr"],
+    optimizer = torch.optim.AdamW(engine.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
                                   betas=engine.ADAMW_BETAS)
-    schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts["min_lr"],
+    schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts.min_lr,
                                  warmup_steps=s.plan["warmup_steps"], total_steps=s.plan["scheduled_steps"])
-    loss_fn = functools.partial(_loss, seed=s.opts["seed"], device=s.device)
-    return engine.Trainer(model, optimizer, loss_fn, schedule, s.device, s.precision, s.opts["accum"], s.world, stop,
+    loss_fn = functools.partial(_loss, seed=s.opts.seed, device=s.device)
+    return engine.Trainer(model, optimizer, loss_fn, schedule, s.device, s.precision, s.opts.accum, s.world, stop,
                           writer, s.plan["total_steps"], s.sharding.global_batch)
-
-
-def _remove_run(path: Path, keep_folder: bool) -> None:
-    """Delete what this process wrote; an empty --out folder the user made stays."""
-    for child in path.iterdir() if keep_folder else [path]:
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def _finish(writer: RunWriter, trainer: engine.Trainer, state: str, plan: dict, emitter: Emitter) -> None:
-    message = writer.end(state, trainer.step, trainer.stop.reason, plan)
-    emitter.result(state=state, run_dir=str(writer.run.path), step=trainer.step, total_steps=plan["total_steps"],
-                   epoch=writer.status["epoch"], loss=writer.status["loss"],
-                   last_checkpoint=writer.status["last_checkpoint"], message=message)
 
 
 def _loss(model, batch, epoch: int, *, seed: int, device: torch.device) -> dict:
@@ -216,11 +188,10 @@ def _loss(model, batch, epoch: int, *, seed: int, device: torch.device) -> dict:
 def _config_json(s: Setup) -> dict:
     return {"command": "pretrain", "created": now_iso(),
             "versions": {"mim3d": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-            "options": s.opts,
-            "model": {"method": s.opts["method"], "preset": s.opts["preset"],
-                      "config": config_to_dict(s.model.config)},
-            "data": {"folders": s.opts["data"], "summary": s.discovery.summary(),
-                     "volumes": [options.volume_key(v) for v in s.discovery.volumes]},
+            "options": s.opts.to_dict(),
+            "model": {"method": s.opts.method, "preset": s.opts.preset, "config": config_to_dict(s.model.config)},
+            "data": {"folders": list(s.opts.data), "summary": s.discovery.summary(),
+                     "volumes": [volume_key(v) for v in s.discovery.volumes]},
             "optimization": s.plan,
             "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
 
@@ -228,6 +199,59 @@ def _config_json(s: Setup) -> dict:
 def _preamble(s: Setup, step: int) -> str:
     """What log.txt starts each process's section with (stderr has shown it already)."""
     action = f"resuming at step {step}" if s.resume else "new run"
-    return (f"==== mim3d pretrain {s.opts['method']} ({s.opts['preset']}): {action}, {now_iso()}\n"
+    return (f"==== mim3d pretrain {s.opts.method} ({s.opts.preset}): {action}, {now_iso()}\n"
             f"{s.discovery.describe()}\n{s.plan['lr_note']}\nprecision {s.precision}, {s.plan['steps_per_epoch']} "
             f"steps per epoch, {s.plan['total_steps']} steps to run in all\n")
+
+
+# ---- the optimisation plan and what a resumed run must keep ---------------------------------------------------------
+
+def optimisation_plan(opts: PretrainOptions, sharding: Sharding) -> dict:
+    """Effective batch, learning rate and step counts (config.json "optimization"), with the LR arithmetic spelled out.
+
+    Raises:
+        BadInputError: fewer volumes than one optimiser step needs.
+    """
+    spe, batch = sharding.steps_per_epoch, sharding.global_batch
+    if spe < 1:
+        raise BadInputError(f"{sharding.num_items} usable volumes, but one optimiser step takes batch "
+                            f"{opts.batch_size} × accum {opts.accum} × {_processes(sharding.world.size)} = "
+                            f"{batch}; lower --batch-size or --accum, or add volumes")
+    lr = opts.lr if opts.lr is not None else opts.blr * batch / 256
+    rule = "given with --lr" if opts.lr is not None else f"base lr {opts.blr:g} × effective batch {batch} / 256"
+    scheduled = opts.epochs * spe
+    return {"effective_batch": batch, "batch_size": opts.batch_size, "accum": opts.accum,
+            "world_size": sharding.world.size, "base_lr": opts.blr, "lr": lr, "lr_rule": rule,
+            "lr_note": (f"lr {lr:.4g} ({rule}; effective batch = batch {opts.batch_size} × accum {opts.accum} × "
+                        f"{_processes(sharding.world.size)}). The official scripts also count sw_batch_size 4 "
+                        "(MIM_METHOD §12.6): the same base lr gives them 4× this lr."),
+            "min_lr": opts.min_lr, "weight_decay": opts.weight_decay, "betas": list(engine.ADAMW_BETAS),
+            "epochs": opts.epochs, "warmup_epochs": opts.warmup_epochs,
+            "warmup_steps": opts.warmup_epochs * spe, "steps_per_epoch": spe, "scheduled_steps": scheduled,
+            "total_steps": min(scheduled, opts.max_steps or scheduled),
+            "volumes_unused_per_epoch": sharding.num_items - spe * batch}
+
+
+def volume_key(volume) -> str:
+    """How config.json lists a volume: its path, plus ":<series UID>" for a DICOM series."""
+    return str(volume.path) + (f":{volume.series_id}" if volume.series_id else "")
+
+
+def check_resume_matches(run: RunDir, discovery: Discovery, plan: dict) -> None:
+    """The data and the effective batch must be those the run started with, or it would not continue exactly."""
+    config = read_json(run.config)
+    saved = config["data"]["volumes"]
+    found = [volume_key(v) for v in discovery.volumes]
+    if found != saved:
+        added, removed = sorted(set(found) - set(saved)), sorted(set(saved) - set(found))
+        raise BadInputError(f"--resume {run.path}: the data changed since the run started ({len(added)} volumes "
+                            f"added, e.g. {added[:2]}; {len(removed)} gone, e.g. {removed[:2]}); a resumed run needs "
+                            "the same volumes. Start a new run with --init <run>/checkpoints/last.pt instead")
+    if plan["effective_batch"] != config["optimization"]["effective_batch"]:
+        raise BadInputError(f"--resume {run.path}: effective batch {plan['effective_batch']} (batch × accum × "
+                            f"processes) differs from the run's {config['optimization']['effective_batch']}; keep "
+                            "batch × processes as it was")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + ("es" if count > 1 else "")
