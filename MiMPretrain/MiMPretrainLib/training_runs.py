@@ -43,6 +43,7 @@ from mim3d.runs import (
     RunDir,
     list_runs,
     now_iso,
+    pretrained_checkpoint,  # noqa: F401 - the panel's "Use as encoder" (one rule with the CLI)
     read_json,
     read_status,
     request_stop,
@@ -437,24 +438,3 @@ def default_model_id(run_dir: str | os.PathLike) -> str:
     """A registry id from a run folder's name: "Liver run 2" -> "liver-run-2"."""
     text = re.sub(r"[^a-z0-9._-]+", "-", Path(run_dir).name.lower()).lstrip("._-")[:64].rstrip("-")
     return text or "fine-tuned-model"
-
-
-def pretrained_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint of a finished or stopped pre-training run, to fine-tune its encoder (`--pretrained`).
-
-    Raises:
-        BadInputError: not a pre-training run, a run still active or failed, or no checkpoint.
-    """
-    run = RunDir(Path(run_dir).absolute())
-    command = _config_command(run)
-    if command != "pretrain":
-        what = "a fine-tuning run" if command == "finetune" else "not a mim3d run (no readable config.json)"
-        raise BadInputError(f"{run.path}: {what}; choose the folder of a pre-training run")
-    status = read_status(run.path)
-    if status["state"] not in ("finished", "stopped"):
-        raise BadInputError(f"{run.path}: the pre-training run is {status['state']}; use it once it has finished or "
-                            "been stopped" + (" (resume it first)" if status["state"] == "failed" else ""))
-    checkpoint = run.checkpoint("last")
-    if not checkpoint.is_file():
-        raise BadInputError(f"{run.path}: the run has no checkpoints/last.pt (it ended before its first checkpoint)")
-    return checkpoint

@@ -1,8 +1,8 @@
 """Segment CT volumes with a model package; the labels land on exactly each input's grid.
 
-    mim3d segment ct.nii.gz --model abdomen-small --output ct.seg.nrrd
+    mim3d segment ct.nii.gz --model mim3d-demo/finetune/model --output ct.seg.nrrd
     mim3d segment dicom_folder/ a.nii.gz b.nrrd --model path/to/package --output results/ --device cuda
-    mim3d segment ct.nrrd --model abdomen-small --output seg.nii.gz --fast --roi -120 -80 -400 140 150 -150
+    mim3d segment ct.nrrd --model my-organs --output seg.nii.gz --fast --roi -120 -80 -400 140 150 -150
 
 INPUT is a volume file (.nii.gz, .nii, .nrrd, .mha) or a folder holding one DICOM series; several inputs are a batch,
 and --output is then a folder. --output FILE: the format follows its suffix: .seg.nrrd (a Slicer segmentation with
@@ -30,6 +30,7 @@ import torch
 from .. import io, registry
 from ..errors import BadInputError, Cancelled
 from ..package import ModelInfo, load_package
+from ..presets import DEVICES
 from ..protocol import Emitter
 from ..runtime import keep_freed_memory
 from ..training.run_writer import StopController
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file or DICOM series folder")
     parser.add_argument("--model", required=True, help="installed model id or package folder")
     parser.add_argument("--output", required=True, help="output file (one input) or folder")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: the GPU when there is one (default)")
     parser.add_argument("--fast", action="store_true", help="predict at twice the model spacing (less accurate)")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the model's)")
