@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,37 @@ def test_remapped_labels_survive_into_model_space_with_their_volumes(finetune):
     assert 0.5 < liver_mean < 0.75
 
 
+def test_thin_slab_crops_keep_consecutive_slices_and_pad_the_rest_as_the_sliding_windows_do(finetune):
+    case, settings, cache = finetune
+    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0,
+                    tissue_intensity_prob=0.0)
+    whole = finetune_train_dataset([case], replace(plain, slab_prob=0.0), cache, seed=0)[0]
+    slabs = finetune_train_dataset([case], replace(plain, slab_prob=1.0, slab_mm=(4.0, 8.0)), cache, seed=0)[0]
+    for full, slab in zip(whole, slabs, strict=True):  # the same crops; 2 mm slices: 2 to 4 of them kept
+        for k in range(32):  # each slice is the crop's own, or padding: image 0 and background
+            assert (torch.equal(slab["image"][..., k], full["image"][..., k])
+                    and torch.equal(slab["label"][..., k], full["label"][..., k])) or (
+                not slab["image"][..., k].any() and not slab["label"][..., k].any())
+        kept = [k for k in range(32) if slab["image"][..., k].any()]
+        assert 1 <= len(kept) <= 4 and kept == list(range(kept[0], kept[0] + len(kept)))
+        assert sum(bool(full["image"][..., k].any()) for k in range(32)) > 4  # so the slab really cut the crop
+
+
+def test_tissue_intensity_changes_voxels_inside_the_window_and_leaves_air_and_padding_at_zero(finetune):
+    case, settings, cache = finetune
+    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0,
+                    slab_prob=0.0)
+    before = finetune_train_dataset([case], replace(plain, tissue_intensity_prob=0.0), cache, seed=1)[0]
+    after = finetune_train_dataset([case], replace(plain, tissue_intensity_prob=1.0), cache, seed=1)[0]
+    for x, y in zip(before, after, strict=True):
+        assert torch.equal(y["image"][x["image"] == 0], x["image"][x["image"] == 0])
+        assert not torch.equal(x["image"], y["image"]) and y["image"].min() >= 0 and y["image"].max() <= 1
+        assert torch.equal(x["label"], y["label"])
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
+    ("slab_mm", (30.0, 10.0), r"slab_mm: \(30\.0, 10\.0\) must be \(thinnest, thickest\)"),
+    ("tissue_scale", 1.5, r"tissue_scale 1\.5, tissue_offset 0\.15: need a scale in \[0, 1\)"),
     ("roi", (0, 96, 96), r"roi: \(0, 96, 96\) must be three positive"),
     ("hu_window", (250.0, -175.0), r"hu_window: \(250\.0, -175\.0\) must be \(low, high\)"),
     ("flip_prob", 1.5, r"flip_prob: 1\.5 must lie in \[0, 1\]"),

@@ -25,8 +25,10 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    MapTransform,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandomizableTransform,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -88,6 +90,13 @@ class FinetunePreprocessing:
     shift_intensity_prob: float = 0.5
     intensity_factor: float = 0.1  # RandScaleIntensity factors (§9.5 code)
     intensity_offset: float = 0.1  # RandShiftIntensity offsets (§9.5 code)
+    # Beyond §9.5, what `mim3d segment` meets: thin slabs and partial scans padded with zeros by the sliding windows
+    # (RandSlabd), and other scanners or contrast phases (RandTissueIntensityd: ±0.15 of the default window is ±64 HU).
+    slab_prob: float = 0.3
+    slab_mm: tuple[float, float] = (20.0, 100.0)  # thickness of the kept slab, drawn uniformly in slices
+    tissue_intensity_prob: float = 0.5
+    tissue_scale: float = 0.1  # factor drawn from 1 ± this
+    tissue_offset: float = 0.15  # offset drawn from ± this, in window units
 
     def validate(self) -> None:
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
@@ -98,7 +107,14 @@ class FinetunePreprocessing:
         if self.num_samples < 1 or min(self.pos, self.neg) < 0 or self.pos + self.neg <= 0:
             raise BadInputError(f"num_samples {self.num_samples}, pos {self.pos}, neg {self.neg}: need at least one "
                                 "crop and non-negative weights, not both 0.")
-        for name in ("flip_prob", "rot90_prob", "scale_intensity_prob", "shift_intensity_prob"):
+        if len(self.slab_mm) != 2 or not 0 < self.slab_mm[0] <= self.slab_mm[1]:
+            raise BadInputError(f"slab_mm: {tuple(self.slab_mm)} must be (thinnest, thickest) mm, 0 < thinnest <= "
+                                "thickest.")
+        if not (0 <= self.tissue_scale < 1 and self.tissue_offset >= 0):
+            raise BadInputError(f"tissue_scale {self.tissue_scale}, tissue_offset {self.tissue_offset}: need a scale "
+                                "in [0, 1) and a non-negative offset.")
+        for name in ("flip_prob", "rot90_prob", "scale_intensity_prob", "shift_intensity_prob", "slab_prob",
+                     "tissue_intensity_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise BadInputError(f"{name}: {getattr(self, name)} must lie in [0, 1].")
 
@@ -268,8 +284,55 @@ class _FinetuneCached:
         return self.cache.get(source_files(case.image) + [case.label], build, extra=label_map)
 
 
+class RandSlabd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, keep ``n`` consecutive slices (K, the last axis) at a random place, ``n`` drawn from
+    ``slices`` (low, high), and set the others to 0 in every key: what the sliding windows pad a thin slab or a
+    partial scan with (image 0 is the window's low end, label 0 background)."""
+
+    def __init__(self, keys, prob: float, slices: tuple[int, int]):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.slices = slices
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        depth = d[self.keys[0]].shape[-1]
+        n = self.R.randint(min(self.slices[0], depth), min(self.slices[1], depth) + 1)
+        start = self.R.randint(0, depth - n + 1)
+        if self._do_transform and n < depth:
+            for key in self.key_iterator(d):
+                d[key] = d[key].clone()
+                d[key][..., :start] = 0
+                d[key][..., start + n:] = 0
+        return d
+
+
+class RandTissueIntensityd(RandomizableTransform, MapTransform):
+    """Another scanner or contrast phase: with probability ``prob``, x -> clip(x·f + o, 0, 1) for the voxels inside
+    the window (x > 0), f from 1 ± ``scale``, o from ± ``offset``. Voxels at the window's low end (air, padding) stay
+    0, as they would if a brighter or darker scan were windowed."""
+
+    def __init__(self, keys, prob: float, scale: float, offset: float):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.scale, self.offset = scale, offset
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        factor = self.R.uniform(1 - self.scale, 1 + self.scale)
+        offset = self.R.uniform(-self.offset, self.offset)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                x = d[key]
+                d[key] = torch.where(x > 0, (x * factor + offset).clamp(0, 1), x)
+        return d
+
+
 def _random_part(s: FinetunePreprocessing) -> Compose:
     keys = ["image", "label"]
+    slices = tuple(max(1, round(mm / s.spacing_mm[2])) for mm in s.slab_mm)
     return Compose([
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=s.roi, pos=s.pos, neg=s.neg,
                                num_samples=s.num_samples, image_key="image", image_threshold=0),
@@ -277,6 +340,8 @@ def _random_part(s: FinetunePreprocessing) -> Compose:
         RandRotate90d(keys, prob=s.rot90_prob, max_k=3),
         RandScaleIntensityd("image", factors=s.intensity_factor, prob=s.scale_intensity_prob),
         RandShiftIntensityd("image", offsets=s.intensity_offset, prob=s.shift_intensity_prob),
+        RandSlabd(keys, prob=s.slab_prob, slices=slices),
+        RandTissueIntensityd("image", prob=s.tissue_intensity_prob, scale=s.tissue_scale, offset=s.tissue_offset),
     ])
 
 
