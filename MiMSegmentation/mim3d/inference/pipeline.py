@@ -15,14 +15,13 @@ Steps (each reported through ``progress(stage, fraction, message)``):
    blending (mixed precision where the device computes a lower precision natively, ``plans.amp_dtype``; the window
    batch halved, then the logits and then the network moved to the CPU on out-of-memory errors), all-air windows
    answered by one shared pass, argmax to uint8 in model space (``windows.predict_labels``).
-3. postprocess: nearest-neighbour mapping of the label map onto the input grid (``geometry.labels_to_input``),
+3. postprocess: the label map onto the input grid, each label's indicator interpolated linearly so that boundaries
+   run smoothly between model voxels instead of as blocks of them (``geometry.labels_to_input``),
    keep-largest-component per label, zeros outside the computed box.
 
-Why argmax in model space and nearest-neighbour mapping, not resampling probabilities: the probabilities of every
-class at the input resolution are what exhausts memory on large CTs (Slicer notes C4.3); a uint8 map costs one byte
-a voxel. The price is label boundaries quantised to the model's voxels (at most half a model voxel, e.g. 0.75 mm at
-1.5 mm spacing) instead of interpolated between them; for the organ-scale structures these models segment, that is
-below the models' own boundary error. Every geometric case (permuted, flipped, oblique) is handled by the one
+Why argmax in model space, not resampling probabilities: the probabilities of every class at the input resolution
+are what exhausts memory on large CTs (Slicer notes C4.3); the label map costs one byte a voxel, and one label's
+interpolated indicator at a time a few more. Every geometric case (permuted, flipped, oblique) is handled by the one
 physical-space resampling.
 
 ``fast=True`` runs the network at twice the model spacing along every axis (``FAST_SPACING_FACTOR``): 8× fewer voxels
