@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from segment_helpers import EdgeModel, expected_edge_labels, model_info
+from monai.data import MetaTensor
+from segment_helpers import LABELS, WINDOW_HU, EdgeModel, expected_edge_labels, model_info
 from torch import nn
 from volume_helpers import OBLIQUE, make_image
 
@@ -21,6 +22,7 @@ from mim3d.errors import BadInputError, Cancelled
 from mim3d.inference import pipeline, plans, segment_volume, windows
 from mim3d.memory import Budget
 from mim3d.models import build_segmenter
+from mim3d.training.validation import validate_cases
 
 A100 = GpuProperties("NVIDIA A100-SXM4-80GB", 8, 0, 80 * 2**30)
 ODD_SPACING = (2.0, 2.5, 3.5)  # model spacing unlike the input's 3 mm, so every variant is really resampled
@@ -338,6 +340,19 @@ def test_a_gpu_with_more_free_memory_never_gets_a_smaller_plan_and_every_plan_fi
     assert chosen == sorted(chosen)
     assert chosen[0] == (False, False, 0) and chosen[-1] == (True, True, 8)
     assert (True, False, 1) in chosen  # the logits in RAM before giving up the GPU
+
+
+def test_validation_during_fine_tuning_streams_through_the_same_plans_and_fallbacks(ct):
+    """A model that fails with more than one window per pass, as a GPU library does when validation's fixed batch of 4
+    meets a GPU full of training state: validation plans its batch like `mim3d segment` and scores the case."""
+    volume = pipeline._window(sitk.Cast(io.orient_ras(ct), sitk.sitkFloat32), WINDOW_HU)  # (I, J, K) in [0, 1]
+    label = torch.from_numpy(expected_edge_labels(io.image_to_ras(io.orient_ras(ct))[0]).astype(np.int64))
+    case = {"name": "ct", "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume))[None]),
+            "label": MetaTensor(label[None])}
+    model = RaisesWithTwoWindows(CUBLAS_ALLOC_FAILED).train()
+    per_case = validate_cases(model, [case], [0], LABELS, (64, 64, 32), torch.device("cpu"), "fp32")
+    assert per_case == {"ct": {"tissue": 1.0, "right edge": 1.0}}
+    assert model.training
 
 
 def cpu_flags() -> set[str]:

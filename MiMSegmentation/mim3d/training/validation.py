@@ -3,8 +3,11 @@ and the Dice of every label of the table.
 
 - Space: the model's (RAS, resampled, windowed, foreground-cropped, padded to the ROI), as the official evaluation;
   nothing is mapped back to the original grid.
-- Windows: MONAI `sliding_window_inference` with the model's ROI, overlap 0.5 and Gaussian blending, the inference
-  settings the exported model package carries (the official evaluation blends with constant weights).
+- Windows: the machinery of `mim3d segment` (`inference.windows.predict_labels`): MONAI `sliding_window_inference`
+  with the model's ROI, overlap 0.5 and Gaussian blending, the inference settings the exported model package carries
+  (the official evaluation blends with constant weights), streamed in slabs with a window batch and an output device
+  planned from the memory the training leaves free (`inference.plans.choose_plan`), stepping down on out-of-memory
+  errors; only the uint8 labels of a case are kept.
 - Dice of a label in a case: MONAI `DiceMetric` without background. A label absent from both the prediction and the
   reference has nothing to score and is NaN; one predicted where the reference has none scores 0.
 - Dice of a label: the mean over the cases where it is not NaN. Mean Dice: the mean over the labels that have a value
@@ -14,21 +17,21 @@ and the Dice of every label of the table.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from torch import Tensor, nn
 
+from ..inference import plans, windows
 from ..labels import LabelTable
-from .engine import AUTOCAST_DTYPES
 
+log = logging.getLogger("mim3d.training")
 OVERLAP = 0.5  # §9.6, yaml default
 BLEND = "gaussian"
-WINDOWS_PER_BATCH = 4  # §9.5 fine-tune yaml sw_batch 4
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,12 @@ def validate_cases(model: nn.Module, dataset, indices: list[int], table: LabelTa
     """Segment the cases `indices` of `dataset` (items {"image": (1, I, J, K), "label": (1, I, J, K), "name"}) and
     score them: case name -> label name -> Dice.
 
-    The model is put in eval mode and back; the global random generators are left as they were, so validating does
-    not change the training that follows.
+    The model is put in eval mode and back, and stays on ``device``; the global random generators are left as they
+    were, so validating does not change the training that follows. ``precision`` "fp32" runs float32, "bf16" or
+    "fp16" the device's native lower precision (the training's).
     """
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision], enabled=precision != "fp32")
     per_case = {}
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -82,13 +85,16 @@ def validate_cases(model: nn.Module, dataset, indices: list[int], table: LabelTa
                 item = dataset[index]
                 if progress:
                     progress(i, item["name"])
-                image = item["image"].as_tensor()[None].to(device)  # (1, 1, I, J, K) in [0, 1]
-                with autocast:
-                    logits = sliding_window_inference(image, roi, WINDOWS_PER_BATCH, model, overlap=OVERLAP,
-                                                      mode=BLEND)  # (1, num_classes, I, J, K)
-                prediction = logits.argmax(1, keepdim=True).cpu()  # (1, 1, I, J, K)
+                volume = item["image"].as_tensor()[0].numpy()  # (I, J, K) in [0, 1]
+                footprint = plans.Footprint.of(model, volume.shape, roi, table.num_classes, False)
+                plan, statement = plans.choose_plan(device, footprint, amp=precision != "fp32")
+                log.info("validating %s: %s", item["name"], statement)
+                labels, _, _, _ = windows.predict_labels(volume, model, roi=roi, overlap=OVERLAP, blend=BLEND,
+                                                         num_classes=table.num_classes, plan=plan)
+                prediction = torch.from_numpy(labels).long()[None, None]  # (1, 1, I, J, K)
                 per_case[item["name"]] = case_dice(prediction, item["label"].as_tensor()[None], table)
     finally:
+        model.to(device)  # back where training runs, should an out-of-memory error have moved it to the CPU
         model.train(was_training)
     return per_case
 
