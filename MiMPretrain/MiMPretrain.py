@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from mim3d.labels import Label, LabelTable
+from mim3d.presets import ENCODER_MODES
 from MiMPretrainLib import plots, training_runs
 from MiMPretrainLib.data_sources import SOURCE_FIELDS, DataSource, FinetuneData
 from MiMPretrainLib.training_panel import (
@@ -43,9 +44,14 @@ from MiMPretrainLib.training_settings import (
     METHOD_NOTES,
     METHODS,
     PRESETS,
+    FinetuneOptions,
     FinetuneSettings,
+    PretrainOptions,
     PretrainSettings,
+    default,
+    installed_models,
     preview_args,
+    start_after_install,
     summarize_preview,
 )
 from MiMSegmentationLib import worker
@@ -77,15 +83,16 @@ class MiMPretrain(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MiMPretrainParameterNode:
+    # defaults: the command line's (training_settings.default; PANEL_DEFAULTS where the panel must differ)
     scanFolders: list[str]
-    method: Annotated[str, Choice(list(METHODS))] = "mim"
-    pretrainPreset: Annotated[str, Choice(list(PRESETS))] = "base"
-    pretrainEpochs: Annotated[int, WithinRange(1, 100000)] = 100
-    pretrainBatchSize: Annotated[int, WithinRange(1, 256)] = 1
-    pretrainBaseLr: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-4
-    pretrainAmp: bool = True
-    pretrainDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
-    pretrainWorkers: Annotated[int, WithinRange(0, 64)] = 2
+    method: Annotated[str, Choice(list(METHODS))] = default(PretrainOptions, "method")
+    pretrainPreset: Annotated[str, Choice(list(PRESETS))] = default(PretrainOptions, "preset")
+    pretrainEpochs: Annotated[int, WithinRange(1, 100000)] = default(PretrainOptions, "epochs")
+    pretrainBatchSize: Annotated[int, WithinRange(1, 256)] = default(PretrainOptions, "batch_size")
+    pretrainBaseLr: Annotated[float, WithinRange(1e-7, 1.0)] = default(PretrainOptions, "blr")
+    pretrainAmp: bool = default(PretrainOptions, "amp")
+    pretrainDevice: Annotated[str, Choice(list(DEVICES))] = default(PretrainOptions, "device")
+    pretrainWorkers: Annotated[int, WithinRange(0, 64)] = default(PretrainOptions, "workers")
     cacheFolder: str
     initCheckpoint: str
     pretrainRunFolder: str
@@ -96,13 +103,14 @@ class MiMPretrainParameterNode:
     segmentationsFolder: str
     labelTableFile: str
     pretrainedEncoder: str
-    arch: Annotated[str, Choice(list(ARCHS))] = "mim-unetr"
-    finetunePreset: Annotated[str, Choice(list(PRESETS))] = "base"
-    finetuneEpochs: Annotated[int, WithinRange(1, 100000)] = 200
-    finetuneBatchSize: Annotated[int, WithinRange(1, 256)] = 1
-    finetuneLr: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-4
-    finetuneDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
-    finetuneWorkers: Annotated[int, WithinRange(0, 64)] = 2
+    encoderMode: Annotated[str, Choice(list(ENCODER_MODES))] = default(FinetuneOptions, "encoder")
+    arch: Annotated[str, Choice(list(ARCHS))] = default(FinetuneOptions, "arch")
+    finetunePreset: Annotated[str, Choice(list(PRESETS))] = default(FinetuneOptions, "preset")
+    finetuneEpochs: Annotated[int, WithinRange(1, 100000)] = default(FinetuneOptions, "epochs")
+    finetuneBatchSize: Annotated[int, WithinRange(1, 256)] = default(FinetuneOptions, "batch_size")
+    finetuneLr: Annotated[float, WithinRange(1e-7, 1.0)] = default(FinetuneOptions, "lr")
+    finetuneDevice: Annotated[str, Choice(list(DEVICES))] = default(FinetuneOptions, "device")
+    finetuneWorkers: Annotated[int, WithinRange(0, 64)] = default(FinetuneOptions, "workers")
     finetuneRunFolder: str
     runsFolder: Path
     activeRun: str = ""
@@ -120,6 +128,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.devices = None  # the result of `mim3d devices`
         self.watcher = None
         self.snapshot = None
+        self.installedModels = []  # (name shown, package folder) of installedModelSelector's items after the first
         self.previewJob = None
         self.numScans = None
         self.refreshTimer = qt.QTimer()
@@ -165,6 +174,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadLabelsButton.connect("clicked(bool)", self.onLoadLabels)
         self.ui.labelTableWidget.connect("cellDoubleClicked(int,int)", self.onLabelCellDoubleClicked)
         self.ui.useSelectedRunButton.connect("clicked(bool)", self.onUseSelectedRun)
+        self.ui.installedModelSelector.connect("activated(int)", self.onInstalledModelSelected)
         self.ui.refreshRunsButton.connect("clicked(bool)", self.refreshRunList)
         self.ui.runsFolderButton.connect("directoryChanged(QString)", lambda folder: self.refreshRunList())
         self.ui.runSelector.connect("activated(int)", self.onRunSelected)
@@ -177,6 +187,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.detectDevices()
         self.refreshRunList()
+        self.refreshInstalledModels()
         if self._parameterNode.activeRun:
             self.attach(self._parameterNode.activeRun)
 
@@ -186,6 +197,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.refreshInstalledModels()  # MiM Segmentation or a finished run may have installed one since
         if detected_device(self.devices) is None or self.devices.get("torch") is None:
             self.detectDevices()  # again: PyTorch may have been installed since
 
@@ -247,7 +259,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return FinetuneSettings(
             out=p.finetuneRunFolder, pretrained=p.pretrainedEncoder or None, arch=p.arch, preset=p.finetunePreset,
             epochs=p.finetuneEpochs, batch_size=p.finetuneBatchSize, lr=p.finetuneLr, device=p.finetuneDevice,
-            workers=p.finetuneWorkers, **dataOptions)
+            workers=p.finetuneWorkers, encoder=p.encoderMode, **dataOptions)
 
     # ---- rendering ------------------------------------------------------------------------------------------------
 
@@ -256,6 +268,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         self.ui.methodInfoLabel.text = METHOD_NOTES[p.method]
+        self.ui.encoderModeInfoLabel.text = ENCODER_MODES[p.encoderMode]
         for field, lineEdit in self.pathFields.items():
             if path_text(lineEdit.currentPath) != getattr(p, field):
                 wasBlocked = lineEdit.blockSignals(True)  # onPathEdited would read the fields not written yet
@@ -380,14 +393,37 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartPretrain(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start pre-training."), waitCursor=True):
             settings = self.pretrainSettings()
-            self.logic.start("pretrain", settings)
-            self.follow(settings.out)
+            if start_after_install(self.installDependencies, lambda: self.logic.start("pretrain", settings)):
+                self.follow(settings.out)
 
     def onStartFinetune(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             edited = self.tableLabels() if self.ui.labelTableWidget.rowCount else None
-            settings = self.logic.startFinetune(self.finetuneData(), self.finetuneSettings({}), edited)
-            self.follow(settings.out)
+            settings = start_after_install(self.installDependencies, lambda: self.logic.startFinetune(
+                self.finetuneData(), self.finetuneSettings({}), edited))
+            if settings:
+                self.follow(settings.out)
+
+    def installDependencies(self) -> bool:
+        """MiM Segmentation's install of the worker's packages (one confirmation; False: declined)."""
+        from MiMSegmentation import MiMSegmentationLogic
+
+        ready = MiMSegmentationLogic().installDependencies()
+        if ready and detected_device(self.devices) is None:
+            self.detectDevices()  # PyTorch was just installed: the estimates can use the device now
+        return ready
+
+    def refreshInstalledModels(self) -> None:
+        self.installedModels = installed_models()
+        self.ui.installedModelSelector.clear()
+        self.ui.installedModelSelector.addItem(_("(choose an installed model)"))
+        for name, _folder in self.installedModels:
+            self.ui.installedModelSelector.addItem(name)
+
+    def onInstalledModelSelected(self, index) -> None:
+        if self._parameterNode and 1 <= index <= len(self.installedModels):
+            self._parameterNode.pretrainedEncoder = self.installedModels[index - 1][1]
+        self.updateGUI()
 
     def follow(self, runDir) -> None:
         self.panel.started(runDir)

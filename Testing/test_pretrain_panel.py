@@ -295,3 +295,72 @@ def test_a_run_without_curves_has_no_chart(scene):
 def test_registering_a_model_does_not_reach_into_the_segment_modules_widget():
     source = MODULE_FILE.read_text(encoding="utf-8")
     assert "slicer.modules.mimsegmentation" not in source and "widgetRepresentation" not in source
+
+
+# ---- issue 15/16: one default each; the worker's packages before Start; issue 18: encoder modes, installed models ---
+
+def test_the_parameter_nodes_defaults_are_the_options_defaults():
+    from mim3d.run_options import FinetuneOptions, PretrainOptions
+    from MiMPretrainLib.training_settings import PANEL_DEFAULTS, default
+
+    wrapper = next(n for n in module_tree().body
+                   if isinstance(n, ast.ClassDef) and n.name == "MiMPretrainParameterNode")
+    values = {f.target.id: ast.unparse(f.value) for f in wrapper.body if isinstance(f, ast.AnnAssign) and f.value}
+    restated = {name: value for name, value in values.items() if not value.startswith("default(")}
+    assert restated == {"dataSource": "DataSource.FOLDERS", "activeRun": "''"}, restated  # panel-only choices
+    assert default(PretrainOptions, "epochs") == 800 and default(FinetuneOptions, "epochs") == 500
+    assert default(FinetuneOptions, "encoder") == "full" and default(PretrainOptions, "amp") is PANEL_DEFAULTS["amp"]
+
+
+def test_start_runs_only_once_the_packages_are_there_and_a_declined_install_cancels_quietly():
+    from MiMPretrainLib.training_settings import start_after_install
+
+    started = []
+    assert start_after_install(lambda: False, lambda: started.append("run")) is None and started == []
+    assert start_after_install(lambda: True, lambda: started.append("run") or "settings") == "settings"
+    assert started == ["run"]
+
+    def failed_install():
+        raise RuntimeError("pip failed")
+
+    with pytest.raises(RuntimeError, match="pip failed"):
+        start_after_install(failed_install, lambda: started.append("again"))
+    assert started == ["run"]
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert source.count("start_after_install(self.installDependencies") == 2  # both Start buttons
+    assert "MiMSegmentationLogic().installDependencies()" in source  # MiM Segmentation's install, not a copy
+
+
+def test_the_encoder_mode_changes_the_estimate_and_needs_a_start(tmp_path):
+    cpu = detected_device({"recommended": "cpu"})
+    runs = {mode: FinetuneSettings(out=str(tmp_path / "o"), images="i", labels="l", epochs=100, encoder=mode,
+                                   pretrained=str(tmp_path)) for mode in ("full", "frozen", "gradual")}
+    from MiMPretrainLib.training_settings import _finetune_steps
+
+    seconds = {mode: _finetune_steps(s, 10)[1] for mode, s in runs.items()}
+    assert seconds["frozen"] < seconds["gradual"] < seconds["full"]
+    assert all(estimate(s, 10, cpu).endswith(" on this CPU") for s in runs.values())
+    frozen = FinetuneSettings(out=str(tmp_path / "o"), images="i", labels="l", encoder="frozen")
+    assert "needs a pre-trained encoder or model" in " ".join(frozen._pretrained_problems())
+
+
+def test_installed_models_are_offered_as_starts_and_a_package_is_a_valid_start(tmp_path):
+    import torch
+
+    from mim3d.models import build_segmenter
+    from mim3d.package import ModelInfo, save_package
+    from MiMPretrainLib.training_settings import installed_models
+
+    torch.manual_seed(0)
+    model = build_segmenter("mim-unetr", 2, "small", (64, 64, 32), embed_dims=[6, 12, 24, 48], depths=[1, 1, 1, 1],
+                            num_heads=4)
+    table = LabelTable.from_dict({"labels": [{"value": 1, "name": "liver"}]})
+    info = ModelInfo(name="liver", version="1.0.0", architecture={"arch": "mim-unetr", "preset": "small",
+                     "config": {}, "num_classes": 2, "in_channels": 1}, preprocessing={},
+                     inference={"roi_size": [64, 64, 32]}, labels=table, weights_sha256="")
+    save_package(tmp_path / "home" / "liver", model, info)
+    (tmp_path / "home" / "broken").mkdir()
+    assert installed_models(tmp_path / "home") == [("liver (liver)", str(tmp_path / "home" / "liver"))]
+    start = FinetuneSettings(out=str(tmp_path / "o"), images="i", labels="l", pretrained=str(tmp_path / "home" /
+                                                                                             "liver"))
+    assert start._pretrained_problems() == []

@@ -7,17 +7,25 @@
 - `preview_args(folders)` / `summarize_preview(event)`: the scan-folder preview, computed by the worker
   (`mim3d pretrain --data DIR --check-data`) and shown as a few lines.
 - `estimate_time(settings, num_volumes, device)`: a rough wall time from the step times in docs/BENCHMARKS.md.
+- `default(options, name)`: an option's default, the panel's too (one default each; PANEL_DEFAULTS: where the panel
+  must differ, and why). `installed_models()`: the installed packages a fine-tuning run can start from.
+- `start_after_install(install, start)`: Start, once the worker's Python packages are there.
 
 A setting left alone is left out of the command line, so it means what `mim3d --help` says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from mim3d import registry
 from mim3d.errors import BadInputError
+from mim3d.package import is_package
 from mim3d.presets import DEVICES
 from mim3d.presets import PRESET_NAMES as PRESETS
 from mim3d.presets import PRETRAINING_METHODS as METHODS
@@ -33,6 +41,19 @@ METHOD_NOTES = {  # one line each, for the panel's method chooser
     "simmim": "SimMIM: replaces 75% of the patches with a learned mask token and predicts their voxels with one "
               "linear layer; the simplest and fast. Fine-tunes as unetr.",
 }
+# The panel's defaults that differ from the command line's, with the reason (every other one is `default`'s).
+PANEL_DEFAULTS = {
+    "amp": True,  # a checkbox has no "the device's default" state; on is that default on CUDA, and ignored on the CPU
+}
+
+
+def default(options: type, name: str) -> Any:
+    """The default of option `name` of `options` (PretrainOptions / FinetuneOptions), as the panel shows it."""
+    if name in PANEL_DEFAULTS:
+        return PANEL_DEFAULTS[name]
+    return next(f.default for f in dataclasses.fields(options) if f.name == name)
+
+
 # How the panel names the numbers it checks (the checks are the options' own).
 NUMBER_LABELS = {"epochs": "Epochs", "batch_size": "Batch size", "max_steps": "Maximum steps",
                  "workers": "Data-loading workers", "blr": "The learning rate", "lr": "The learning rate"}
@@ -90,18 +111,34 @@ class FinetuneSettings(FinetuneOptions):
         return problems
 
     def _pretrained_problems(self) -> list[str]:
-        """A checkpoint file, or a run folder that offers one (mim3d.runs.pretrained_checkpoint: the CLI's rule)."""
+        """A checkpoint file, a model package, or a run folder that offers a checkpoint (the CLI's rule:
+        mim3d.runs.pretrained_checkpoint); frozen and gradual need one."""
         if not self.pretrained:
-            return []
+            return [] if self.encoder == "full" else [f"The encoder setting '{self.encoder}' needs a pre-trained "
+                                                      "encoder or model to start from."]
         path = Path(self.pretrained)
         if not path.exists():
             return [f"The pre-trained encoder {path} does not exist."]
+        if is_package(path):
+            return []
         try:
             if path.is_dir():
                 pretrained_checkpoint(path, self.arch)
         except BadInputError as e:
             return [f"{e}."]
         return []
+
+
+def installed_models(home: Path | None = None) -> list[tuple[str, str]]:
+    """(name shown, package folder) of each readable installed model (mim3d.registry), to start fine-tuning from."""
+    return [(f"{m.id} ({', '.join(label.name for label in m.info.labels)})", str(m.path))
+            for m in registry.list_installed(home) if m.info is not None]
+
+
+def start_after_install(install: Callable[[], bool], start: Callable[[], Any]) -> Any:
+    """`start()` once `install()` says the worker's Python packages are there (it offers to install what is missing,
+    as MiM Segmentation does: True when everything is there). False, the person declined: a quiet cancel, None."""
+    return start() if install() else None
 
 
 def resume_args(run_dir: str | os.PathLike) -> list[str]:
@@ -183,6 +220,11 @@ FINETUNE_STEP_S = {"mim-unetr": (8.5, 31.2), "unetr": (2.7, 7.8)}
 # The base fine-tuning networks were not measured: their pre-training per-voxel cost over small (MiM 61.4 s / 2.84 s
 # at 3.4× the voxels; MAE 0.77 s / 0.059 s at 3.4× the voxels).
 FINETUNE_BASE_FACTOR = {"mim-unetr": 6.4, "unetr": 3.9}
+# A step's time with the encoder frozen, or gradual's mean over its schedule, as a share of full's: the demo's CPU
+# mim-unetr (96×96×32, 2 crops), median of 4 steps each, 0.82 (rough: measured on 2 cores shared with other jobs; the
+# decoder's full-resolution convolutions dominate). gradual: frozen for its first quarter, then counted as full.
+ENCODER_STEP_FACTOR = {"full": 1.0, "frozen": 0.82}
+ENCODER_STEP_FACTOR["gradual"] = 0.25 * ENCODER_STEP_FACTOR["frozen"] + 0.75
 MEASURED_CORES = 2
 # No GPU step time has been measured yet (docs/BENCHMARKS.md): a GPU run gets no figure rather than a guessed one.
 NO_GPU_ESTIMATE = "no GPU estimate yet (no GPU step times measured, docs/BENCHMARKS.md)"
@@ -224,6 +266,7 @@ def _finetune_steps(s: FinetuneSettings, num_cases: int) -> tuple[int, float]:
     at64, at96 = FINETUNE_STEP_S[s.arch]
     exponent = math.log(at96 / at64) / math.log(1.5**3)  # measured growth with the crop's voxels
     step_s = at64 * (voxels / 64**3) ** exponent * (s.samples_per_volume / 4) * s.batch_size
+    step_s *= ENCODER_STEP_FACTOR[s.encoder]
     return steps, step_s * (FINETUNE_BASE_FACTOR[s.arch] if s.preset == "base" else 1.0)
 
 

@@ -182,3 +182,69 @@ def load_package(folder: str | Path, device: str = "cpu"):
 def _config_overrides(architecture: dict[str, Any]) -> dict[str, Any]:
     """The stored config as overrides of its preset (lists back to tuples happen in presets.resolve)."""
     return dict(architecture.get("config") or {})
+
+
+def is_package(path: str | Path) -> bool:
+    """A package folder (with model.json) or a .zip file (standard library only)."""
+    path = Path(path)
+    return (path / MODEL_JSON).is_file() if path.is_dir() else path.suffix.lower() == ".zip" and path.is_file()
+
+
+def load_package_start(model, path: str | Path, arch: str, in_channels: int, table: LabelTable) -> dict:
+    """Start a fine-tuning `model` (built for `arch`, `in_channels` and the label table `table`) from the package at
+    `path`, a folder or a .zip: every tensor but the output head's loads as it is; the head's row of each label of
+    `table` whose name (case-insensitive) the package also has is copied, background's too, and the other rows keep
+    their fresh initialisation. Returns what was loaded (config.json "pretrained").
+
+    Raises:
+        BadInputError: not a package, a failed checksum, or a package of another architecture, input channel count
+            or network size (naming the package and the difference).
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .registry import _extract
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="mim3d-package-") as tmp:
+        folder = _extract(path, Path(tmp)) if path.is_file() else path
+        info = verify_package(folder)
+        try:
+            state = load_file(folder / WEIGHTS)
+        except (SafetensorError, OSError) as e:
+            raise BadInputError(f"--pretrained {path}: {WEIGHTS} is not a readable safetensors file ({e})") from e
+    a = info.architecture
+    if a["arch"] != arch:
+        raise BadInputError(f"--pretrained {path}: a {a['arch']} model package, but this run fine-tunes {arch}; give "
+                            f"--arch {a['arch']} to start from it")
+    if a.get("in_channels", 1) != in_channels:
+        raise BadInputError(f"--pretrained {path}: the package's network takes {a.get('in_channels', 1)} input "
+                            f"channel(s), this run {in_channels}; it cannot start this run")
+    expected = model.state_dict()
+    head = {k for k in expected if k.startswith("out.")}  # the 1×1×1 output conv: one row per class
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (this run: {tuple(v.shape)})" for k, v in expected.items()
+                   if k in state and k not in head and state[k].shape != v.shape)
+    if missing or extra or wrong:
+        raise BadInputError(f"--pretrained {path}: the package's {a['arch']} ({a.get('preset')}, config "
+                            f"{json.dumps(a.get('config'))}, roi {list(info.roi_size)}) differs from this run's "
+                            f"network (missing: {missing[:3]}, unexpected: {extra[:3]}, shape differs: {wrong[:3]}); "
+                            "give the package's --preset, --override values and --roi")
+    old = {label.name.lower(): label.value for label in info.labels}
+    rows = {0: 0} | {label.value: old[label.name.lower()] for label in table if label.name.lower() in old}
+    with torch.no_grad():
+        for key in head:
+            target = expected[key].clone()
+            for new, source in rows.items():
+                target[new] = state[key][source]
+            state[key] = target
+    model.load_state_dict(state, strict=True)
+    kept = [label.name for label in table if label.value in rows]
+    new = [label.name for label in table if label.value not in rows]
+    return {"from": str(path), "checkpoint": str(path), "source": "mim3d-package", "method": a["arch"],
+            "package": {"name": info.name, "version": info.version, "labels": [label.name for label in info.labels]},
+            "loaded": len(state), "kept_labels": kept, "new_labels": new,
+            "summary": (f"{path.name} (mim3d model package {info.name} {info.version}): loaded all {len(state)} "
+                        f"tensors; output rows kept for background and {len(kept)} label(s) of the same name "
+                        f"({', '.join(kept) or 'none'}), initialised for {len(new)} ({', '.join(new) or 'none'})")}

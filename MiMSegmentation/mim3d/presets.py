@@ -22,6 +22,12 @@ SEGMENTATION_ARCHS = ("mim-unetr", "unetr")
 PRESET_NAMES = ("small", "base")  # small: CPU-sized; base: the papers
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when available, else the CPU
 ENCODER_ARCH = {"mim": "mim-unetr", "mae": "unetr", "simmim": "unetr"}  # the segmenter of each encoder (§9.4, §14.2)
+# what fine-tuning trains of the pre-trained encoder (mim3d.training.encoder_modes), one line each for --help and panel
+ENCODER_MODES = {
+    "full": "train every weight from the first step (most memory; best with many labelled cases)",
+    "frozen": "keep the pre-trained encoder fixed, train the decoder only (least memory and time per step)",
+    "gradual": "start frozen, unfreeze the encoder deepest stage first after 1/4, 1/2, 3/4 of the steps, at 0.1x lr",
+}
 
 
 class AlignForm(StrEnum):

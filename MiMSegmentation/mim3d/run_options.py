@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import BadInputError
-from .presets import DEVICES, PRESET_NAMES, PRETRAINING_METHODS, SEGMENTATION_ARCHS
+from .presets import DEVICES, ENCODER_MODES, PRESET_NAMES, PRETRAINING_METHODS, SEGMENTATION_ARCHS
 from .runs import ACTIVE_STATES, RunDir, read_json, read_status
 
 Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
@@ -220,9 +220,14 @@ class FinetuneOptions(RunOptions):
                                                nargs="+", metavar="NAME", parse=tuple, group=DATA)
     arch: str = option("mim-unetr", "mim-unetr (for MiM encoders) or unetr (MAE / SimMIM)",
                        check=one_of(SEGMENTATION_ARCHS), choices=SEGMENTATION_ARCHS)
-    pretrained: str | None = option(None, "encoder weights: an official MiM checkpoint, a mim3d checkpoint, or a "
-                                    "finished or stopped `mim3d pretrain` run folder (its checkpoints/last.pt); "
-                                    "default: from scratch", metavar="CHECKPOINT|RUN_DIR", path=True)
+    pretrained: str | None = option(None, "start weights: an official MiM checkpoint, a mim3d checkpoint, a finished "
+                                    "or stopped `mim3d pretrain` run folder (its checkpoints/last.pt: the encoder), "
+                                    "or a mim3d model package, folder or .zip (encoder and decoder; output rows of "
+                                    "labels with the same name kept); default: from scratch",
+                                    metavar="CHECKPOINT|RUN_DIR|PACKAGE", path=True)
+    encoder: str = option("full", "what trains of the pre-trained encoder: " + "; ".join(
+                          f"{k}: {v}" for k, v in ENCODER_MODES.items()), check=one_of(tuple(ENCODER_MODES)),
+                          choices=tuple(ENCODER_MODES))
     epochs: int = option(500, "epochs (passes over the training cases) of the schedule", check=at_least(1),
                          type=int)  # §9.5: "a few hundred to a few thousand epochs" (the official value is unknown)
     roi: tuple[int, ...] = option((96, 96, 96), "crop and sliding-window size in voxels, 1 or 3 values, multiples "
@@ -272,6 +277,9 @@ class FinetuneOptions(RunOptions):
                                 '{"labels": [{"value": 1, "name": "liver"}]}); label maps carry no names')
         if self.out is None:
             raise BadInputError("--out required for a new run (or --resume RUN_DIR to continue one)")
+        if self.encoder != "full" and not self.pretrained:
+            raise BadInputError(f"--encoder {self.encoder} needs --pretrained: it keeps the pre-trained encoder fixed "
+                                "(at first), and a random one has nothing to keep")
 
 
 # ---- the command line -----------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Trainer:
     writer: RunWriter
     total_steps: int
     samples_per_step: int  # the global batch
+    before_step: Callable[[int], None] | None = None  # called with the step number before each optimiser step
     step: int = 0  # optimiser steps done
     stopped: bool = False
     scaler: torch.amp.GradScaler = field(init=False)
@@ -106,9 +107,11 @@ def train_one_epoch(t: Trainer, epoch: int, micro_batches: Iterable) -> dict[str
     t.optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(micro_batches):
         if i % t.accum == 0:
+            if t.before_step:
+                t.before_step(t.step)
             lr = t.schedule(t.step)
             for group in t.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # a group's share of the schedule (default all)
         last = (i + 1) % t.accum == 0
         with (t.model.no_sync() if isinstance(t.model, DistributedDataParallel) and not last else nullcontext()):
             with autocast:

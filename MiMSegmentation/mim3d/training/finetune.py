@@ -16,8 +16,11 @@ and at the end, the validation cases are segmented with sliding windows and scor
 --pretrained takes an official MiM checkpoint, a mim3d checkpoint, or a finished or stopped `mim3d pretrain` run
 folder, whose checkpoints/last.pt it loads: the run's final weights (mim3d.runs.pretrained_checkpoint).
 MiM encoders fine-tune as mim-unetr, MAE and SimMIM encoders as unetr (§14.2), with the --preset they were pre-trained
-with. Before the run folder is written, every case is checked and pre-processed once (through the cache), and the
-weights are loaded, so bad input ends with exit code 2 and leaves nothing behind. Stop with SIGTERM, Ctrl-C or
+with. It also takes a mim3d model package (folder or .zip), to adapt a segmenter to other scans or labels: encoder and
+decoder load, and the output head keeps the rows of the labels whose names the package has
+(mim3d.package.load_package_start). --encoder full|frozen|gradual says what of the encoder trains (encoder_modes.py).
+Before the run folder is written, every case is checked and pre-processed once (through the cache), and the weights
+are loaded, so bad input ends with exit code 2 and leaves nothing behind. Stop with SIGTERM, Ctrl-C or
 `touch RUN_DIR/STOP`: the step finishes, checkpoints/last.pt is saved and --resume continues the run exactly.
 """
 
@@ -39,6 +42,7 @@ from .. import run_options
 from ..errors import BadInputError
 from ..models import build_segmenter, load_pretrained
 from ..models.checkpoints import read_checkpoint, save_checkpoint
+from ..package import is_package, load_package_start
 from ..presets import MiMUNETRConfig, UNETRConfig, config_to_dict
 from ..presets import resolve as resolve_config
 from ..protocol import Emitter
@@ -47,6 +51,7 @@ from ..runs import RunDir, now_iso, pretrained_checkpoint, read_json
 from ..runtime import keep_freed_memory
 from . import distributed, engine, finetune_data
 from .distributed import Sharding, World, derive_seed, unwrap
+from .encoder_modes import EncoderMode
 from .finetune_writer import PACKAGE_DIR, FinetuneRunWriter, best_record, export_package, package_preprocessing
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
 from .validation import summarize, validate_cases
@@ -85,6 +90,7 @@ class Setup:
     sharding: Sharding
     plan: dict  # config.json "optimization"
     pretrained: dict | None  # what --pretrained loaded (config.json "pretrained")
+    encoder: EncoderMode  # what of the encoder trains when (config.json "encoder")
 
     @property
     def run_dir(self) -> RunDir:
@@ -102,10 +108,14 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     model, model_config = _build_model(opts, data.table)
     sharding = Sharding(len(data.train), opts.batch_size, opts.accum, world, opts.seed)
     plan = optimisation_plan(opts, sharding)
+    encoder = EncoderMode.of(opts.encoder, model, opts.arch, plan["scheduled_steps"])
+    if opts.encoder == "gradual" and world.distributed:
+        raise BadInputError("--encoder gradual runs in one process only (DDP fixes the trained parameters when it "
+                            "starts); use --encoder frozen or full with several processes")
     pretrained = None
     if resume is None:
         check_new_run_folder(Path(opts.out))
-        pretrained = _load_pretrained(model, opts)
+        pretrained = _load_pretrained(model, opts, data.table)
     else:
         finetune_data.check_resume_matches(read_json(resume.config), data, resume.path)
     precision, note = engine.choose_precision(device, opts.amp)
@@ -115,7 +125,7 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     datasets = _datasets(data, opts)
     finetune_data.prepare(data, datasets[0].cached, emitter)
     return Setup(opts, resume, world, device, precision, data, model, model_config, datasets, sharding, plan,
-                 pretrained)
+                 pretrained, encoder)
 
 
 def _build_model(opts: FinetuneOptions, table):
@@ -125,11 +135,15 @@ def _build_model(opts: FinetuneOptions, table):
     return model, config
 
 
-def _load_pretrained(model, opts: FinetuneOptions) -> dict | None:
+def _load_pretrained(model, opts: FinetuneOptions, table) -> dict | None:
     """Load --pretrained into the model; what was loaded, for config.json and the package's provenance."""
     if not opts.pretrained:
         log.info("no --pretrained: training from scratch")
         return None
+    if is_package(opts.pretrained):
+        loaded = load_package_start(model, opts.pretrained, opts.arch, 1, table)
+        log.info("--pretrained %s", loaded["summary"])
+        return loaded
     checkpoint = Path(opts.pretrained)
     if checkpoint.is_dir():
         try:
@@ -205,15 +219,17 @@ def train(s: Setup, emitter: Emitter) -> None:
 
 
 def _trainer(s: Setup, writer: FinetuneRunWriter, stop) -> engine.Trainer:
+    s.encoder.apply(s.model, 0)  # before DDP sees which parameters train; re-applied before every step
     model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
-    optimizer = ClippedAdamW(engine.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
+    optimizer = ClippedAdamW(s.encoder.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
                              betas=tuple(s.plan["betas"]), max_norm=s.opts.clip_grad)
     schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts.min_lr,
                                  warmup_steps=s.plan["warmup_steps"], total_steps=s.plan["scheduled_steps"])
     criterion = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     loss_fn = functools.partial(_loss, seed=s.opts.seed, device=s.device, criterion=criterion)
     return engine.Trainer(model, optimizer, loss_fn, schedule, s.device, s.precision, s.opts.accum, s.world, stop,
-                          writer, s.plan["total_steps"], s.sharding.global_batch)
+                          writer, s.plan["total_steps"], s.sharding.global_batch,
+                          before_step=functools.partial(s.encoder.apply, s.model))
 
 
 def _fit_and_validate(t: engine.Trainer, batches, plan: dict, opts: FinetuneOptions, meta: dict, validate) -> str:
@@ -281,6 +297,7 @@ def _config_json(s: Setup) -> dict:
             "model": {"arch": s.opts.arch, "preset": s.opts.preset, "config": config_to_dict(s.model_config),
                       "num_classes": s.data.table.num_classes, "in_channels": 1, "roi_size": list(s.opts.roi)},
             "preprocessing": package_preprocessing(s.opts), "data": s.data.to_config(), "pretrained": s.pretrained,
+            "encoder": s.encoder.describe(s.model),
             "optimization": s.plan,
             "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
 
@@ -290,7 +307,8 @@ def _preamble(s: Setup, step: int) -> str:
     action = f"resuming at step {step}" if s.resume else "new run"
     start = f"pre-trained: {s.pretrained['summary']}" if s.pretrained else ("from scratch" if not s.resume else "")
     return (f"==== mim3d finetune {s.opts.arch} ({s.opts.preset}): {action}, {now_iso()}\n{s.data.describe()}\n"
-            f"{start}\n{s.plan['lr_note']}\nprecision {s.precision}, {s.plan['steps_per_epoch']} steps per epoch, "
+            f"{start}\n{s.encoder.summary(s.model)}\n{s.plan['lr_note']}\nprecision {s.precision}, "
+            f"{s.plan['steps_per_epoch']} steps per epoch, "
             f"{s.plan['total_steps']} steps to run in all\n")
 
 

@@ -98,8 +98,8 @@ def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.M
         model.load_state_dict(read_checkpoint(run.checkpoint("best"))[1]["model"], strict=True)
     data, pretrained = config["data"], config["pretrained"]
     description = (f"{arch['arch']} ({arch['preset']}) fine-tuned by mim3d finetune on {len(data['train'])} cases "
-                   f"from {data['source']}" + (f", from the encoder {pretrained['from']}" if pretrained else
-                                               ", from scratch"))
+                   f"from {data['source']}" + (f", from the {_start_kind(pretrained)} {pretrained['from']}"
+                                               if pretrained else ", from scratch"))
     info = ModelInfo(
         name=run.path.name, version="1.0.0", description=description, license="",
         architecture={k: arch[k] for k in ("arch", "preset", "config", "num_classes", "in_channels")},
@@ -112,6 +112,10 @@ def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.M
     return run.path / PACKAGE_DIR
 
 
+def _start_kind(pretrained: dict) -> str:
+    return "model package" if pretrained.get("source") == "mim3d-package" else "encoder"
+
+
 def _provenance(config: dict, best: dict, step: int) -> dict:
     import mim3d
 
@@ -119,6 +123,7 @@ def _provenance(config: dict, best: dict, step: int) -> dict:
     return {"pretrained_from": pretrained["from"] if pretrained else None,
             "pretrained_checkpoint": pretrained["checkpoint"] if pretrained else None,
             "pretrained_method": pretrained["method"] if pretrained else None,
+            "encoder": config.get("encoder") or {"mode": "full"},  # runs from before the modes trained it all
             "trained_on": {"source": data["source"], "count": len(data["train"]), "cases": data["train"]},
             "validated_on": {"count": len(data["val"]), "cases": data["val"], "split": data["split"]},
             "validation_dice": {k: finite(v) for k, v in best["dice"].items()},
