@@ -41,7 +41,29 @@ def test_demo_report_has_numeric_dice_for_each_organ_and_the_timings(demo):
     assert all(isinstance(d, float) and 0 <= d <= 1 for d in dice.values() if d is not None)
     assert isinstance(report["unseen_scan"]["mean_dice"], float) and not math.isnan(report["unseen_scan"]["mean_dice"])
     assert set(report["timings_seconds"]) == {"pretrain", "finetune", "segment", "total"}
-    assert "| **mean** |" in (out / "report.md").read_text()
+    assert "| **mean** (organs the reference holds) |" in (out / "report.md").read_text()
+
+
+def test_demo_report_gives_each_organs_reference_volume_the_machine_and_how_the_recipe_was_chosen(demo):
+    out, _ = demo
+    report = json.loads((out / "report.json").read_text())
+    organs = report["unseen_scan"]["organs"]
+    assert organs["liver"]["reference_ml"] > 500 and organs["spleen"]["reference_ml"] > 100  # TEST_DATA.md §5
+    assert organs["right kidney"]["reference_ml"] == 0  # not in the 4 cm slab
+    assert all(o["predicted_ml"] >= 0 and o["dice"] == report["unseen_scan"]["dice"][name]
+               for name, o in organs.items())
+    present = [o["dice"] for o in organs.values() if o["reference_ml"] > 0]
+    assert report["unseen_scan"]["mean_dice_reference_organs"] == pytest.approx(sum(present) / len(present), abs=1e-4)
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert "training scan alone" in report["plan"]["recipe"] and "cannot show" in report["budget"]
+    markdown = (out / "report.md").read_text()
+    assert "reference volume (ml)" in markdown and report["machine"]["cpu"] in markdown
+
+
+def test_demo_pretrains_on_three_peoples_ct_but_never_on_the_unseen_scan(demo):
+    out, _ = demo
+    assert sorted(p.name for p in (out / "inputs" / "pretrain").iterdir()) == [
+        "aorta_report_ct.nii.gz", "example_ct.nii.gz", "pulmonary_report_ct.nii.gz"]
 
 
 def test_demo_segmentation_sits_exactly_on_the_unseen_scan_grid(demo, example_dicom_dir):
