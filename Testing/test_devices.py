@@ -10,6 +10,7 @@ import torch
 from mim3d.devices import GpuProperties, native_precision, use_fast_cuda_kernels
 from mim3d.errors import BadInputError
 from mim3d.inference import plans
+from mim3d.models import build_pretrainer
 from mim3d.training import engine
 from mim3d.training.distributed import World, cuda_index, world_from_env
 
@@ -100,3 +101,20 @@ def test_srun_without_torchrun_and_without_a_rendezvous_address_is_refused_with_
     with pytest.raises(BadInputError, match=r"srun started 8 tasks without torchrun, and MASTER_ADDR and "
                                             r"MASTER_PORT is not set: export MASTER_ADDR=\$\(scontrol"):
         world_from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
+
+
+# ---- MiM's alignment under mixed precision --------------------------------------------------------------------------
+
+def test_mim_alignment_logits_are_float32_under_bf16_autocast():
+    model = build_pretrainer("mim", "small")
+    generator = torch.Generator().manual_seed(0)
+    child, parents = torch.randn(2, 4, 64, generator=generator), torch.randn(2, 8, 64, generator=generator)
+    target = torch.randint(0, 8, (2, 4), generator=generator)
+    exact = model.alignment_loss(child, parents, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.alignment_loss(child.bfloat16(), parents.bfloat16(), target)
+        logits_in_bf16 = torch.einsum("mkc,mrc->mkr", child.bfloat16(), parents.bfloat16())
+    assert mixed.dtype == torch.float32
+    exact_on_bf16_inputs = model.alignment_loss(child.bfloat16().float(), parents.bfloat16().float(), target)
+    assert mixed.item() == exact_on_bf16_inputs.item()  # the inputs rounded to bf16, nothing else
+    assert logits_in_bf16.dtype == torch.bfloat16 and abs(mixed.item() - exact.item()) < 0.05

@@ -94,6 +94,8 @@ class MiMPretrainer(HybridEncoder):
         self.aggregate_pred_up_feature = Mlp(dd, dd)
         self.aggregate_pred_mid_feature = Mlp(dd, dd)
         self.register_buffer("group_of_token", _level1_groups(self.grid, config.level1_grouping), persistent=False)
+        # computed once: finding them every step would stop the host for the GPU 8 times (nonzero)
+        self.register_buffer("first_token_of_group", _first_token_of_each_group(self.group_of_token), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -172,7 +174,7 @@ class MiMPretrainer(HybridEncoder):
         level1 = self.level_pass(level1_volume, noise["level1_groups"][:, self.group_of_token],
                                  n - masked_groups * n // 8)
         # Level 2: n2 of the masked groups, each cropped as its octant of the crop at native resolution.
-        group_masked = level1.mask[:, _first_token_of_each_group(self.group_of_token)]  # (B, 8)
+        group_masked = level1.mask[:, self.first_token_of_group]  # (B, 8)
         groups = torch.argsort(noise["level2_select"] * group_masked, dim=1)[:, -c.level2_count:]
         level2 = self.level_pass(_take(_blocks(crop, 2), groups), noise["level2_tokens"],
                                  int(n * (1 - c.level2_mask_ratio)))
@@ -187,15 +189,19 @@ class MiMPretrainer(HybridEncoder):
 
     def alignment_loss(self, child: Tensor, parents: Tensor, target: Tensor) -> Tensor:
         """child (M, K, C) projected child embeddings; parents (M, R, C) stop-gradient region embeddings; target (M, K)
-        index of each child's source region. CE over the R regions, or BYOL 2 − 2·cos against the source region."""
+        index of each child's source region. CE over the R regions, or BYOL 2 − 2·cos against the source region.
+        In float32 under any autocast: bf16's 8-bit mantissa would round logits divided by a small temperature to
+        steps of several hundredths."""
         c = self.config
-        if c.alignment_l2_normalize:
-            child, parents = F.normalize(child, dim=-1), F.normalize(parents, dim=-1)
-        if c.alignment_form == AlignForm.BYOL:
-            positive = gather_tokens(parents, target)  # (M, K, C)
-            return (2 - 2 * F.cosine_similarity(child, positive, dim=-1)).mean()
-        logits = torch.einsum("mkc,mrc->mkr", child, parents) / c.alignment_temperature
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        child, parents = child.float(), parents.float()
+        with torch.autocast(child.device.type, enabled=False):
+            if c.alignment_l2_normalize:
+                child, parents = F.normalize(child, dim=-1), F.normalize(parents, dim=-1)
+            if c.alignment_form == AlignForm.BYOL:
+                positive = gather_tokens(parents, target)  # (M, K, C)
+                return (2 - 2 * F.cosine_similarity(child, positive, dim=-1)).mean()
+            logits = torch.einsum("mkc,mrc->mkr", child, parents) / c.alignment_temperature
+            return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
     def objective(self, levels: Levels) -> dict[str, Tensor]:
         """L = Σ w_l·L_rec^l + w12·L_align^12 + w23·L_align^23, with every term in the result."""
