@@ -105,14 +105,16 @@ def init_process_group(world: World, device: torch.device) -> None:
                             world_size=world.size)
 
 
-def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
-    """DDP for several processes. find_unused_parameters: MiM's parent-side projection heads get no gradient from
-    the CE / BYOL alignment forms (and none of the heads with alignment off), which plain DDP would wait on forever
-    (the official code's `find_unused_parameters=False` defect, MIM_METHOD §12.7)."""
+def wrap_model(model: nn.Module, world: World, device: torch.device, *, has_unused_parameters: bool = False
+               ) -> nn.Module:
+    """DDP for several processes. has_unused_parameters (MiM pre-training only): its parent-side projection heads get
+    no gradient from the CE / BYOL alignment forms (and none of the heads with alignment off), which plain DDP would
+    wait on forever (the official code's `find_unused_parameters=False` defect, MIM_METHOD §12.7); DDP then searches
+    the autograd graph after every forward, which the other models (MAE, SimMIM, the segmenters) need not pay."""
     if not world.distributed:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=has_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -38,7 +38,7 @@ import torch
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
-from .. import run_options
+from .. import memory, run_options
 from ..errors import BadInputError
 from ..models import build_segmenter, load_pretrained
 from ..models.checkpoints import read_checkpoint, save_checkpoint
@@ -54,6 +54,7 @@ from .distributed import Sharding, World, derive_seed, unwrap
 from .encoder_modes import EncoderMode
 from .finetune_writer import PACKAGE_DIR, FinetuneRunWriter, best_record, export_package, package_preprocessing
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
+from .plans import CRITERION_COPIES, TrainingPlan, choose_plan, step_footprint, use_activation_checkpointing
 from .validation import summarize, validate_cases
 
 log = logging.getLogger("mim3d.training")
@@ -91,6 +92,7 @@ class Setup:
     plan: dict  # config.json "optimization"
     pretrained: dict | None  # what --pretrained loaded (config.json "pretrained")
     encoder: EncoderMode  # what of the encoder trains when (config.json "encoder")
+    memory_plan: TrainingPlan  # config.json "plan"
 
     @property
     def run_dir(self) -> RunDir:
@@ -122,10 +124,50 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     if note:
         log.warning(note)
     log.info("%s", plan["lr_note"])
+    memory_plan = plan_memory(opts, model, encoder, data.table.num_classes, memory.budget(device))
+    log.info("%s", memory_plan.describe())
+    emitter.progress("plan", 1.0, memory_plan.describe())
     datasets = _datasets(data, opts)
     finetune_data.prepare(data, datasets[0].cached, emitter)
     return Setup(opts, resume, world, device, precision, data, model, model_config, datasets, sharding, plan,
-                 pretrained, encoder)
+                 pretrained, encoder, memory_plan)
+
+
+def plan_memory(opts: FinetuneOptions, model, encoder: EncoderMode, num_classes: int,
+                budget: memory.Budget) -> TrainingPlan:
+    """Whether one step of --batch-size × --samples-per-volume crops of --roi fits ``budget``, with activation
+    checkpointing if it must (training/plans.py); turns it on in ``model``. A frozen encoder trains nothing and
+    keeps no optimiser state; a gradual one is planned for when all of it trains.
+
+    Raises:
+        BadInputError: it does not fit; the message says what would.
+    """
+    crops = opts.batch_size * opts.samples_per_volume
+    voxels = math.prod(opts.roi)
+    if opts.encoder == "frozen":
+        encoder.apply(model, 0)
+
+    @functools.cache
+    def footprint(checkpointing: bool):
+        return step_footprint(model, (torch.zeros(crops, 1, *opts.roi),), lambda out: out.float().log_softmax(1).mean(),
+                              criterion_bytes=CRITERION_COPIES * crops * num_classes * voxels * 4,
+                              checkpointing=checkpointing)
+
+    def would_fit(room: int) -> str:
+        fits = int(room // (footprint(True).activations / crops))
+        if fits >= opts.samples_per_volume:
+            return f"--batch-size {fits // opts.samples_per_volume} would fit"
+        if fits >= 1:
+            return f"--samples-per-volume {fits} would fit"
+        return f"not even one crop of --roi {' '.join(map(str, opts.roi))} fits; try --roi 64" + (
+            " or --preset small" if opts.preset == "base" else "")
+
+    chosen = choose_plan(footprint, budget, requested=None, can_checkpoint=True, would_fit=would_fit,
+                         what=f"{opts.arch} {opts.preset} fine-tuning on {crops} crop(s) of "
+                              f"{'×'.join(map(str, opts.roi))}")
+    if chosen.activation_checkpointing:
+        use_activation_checkpointing(model)
+    return chosen
 
 
 def _build_model(opts: FinetuneOptions, table):
@@ -298,7 +340,7 @@ def _config_json(s: Setup) -> dict:
                       "num_classes": s.data.table.num_classes, "in_channels": 1, "roi_size": list(s.opts.roi)},
             "preprocessing": package_preprocessing(s.opts), "data": s.data.to_config(), "pretrained": s.pretrained,
             "encoder": s.encoder.describe(s.model),
-            "optimization": s.plan,
+            "optimization": s.plan, "plan": s.memory_plan.to_config(),
             "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
 
 
@@ -307,8 +349,8 @@ def _preamble(s: Setup, step: int) -> str:
     action = f"resuming at step {step}" if s.resume else "new run"
     start = f"pre-trained: {s.pretrained['summary']}" if s.pretrained else ("from scratch" if not s.resume else "")
     return (f"==== mim3d finetune {s.opts.arch} ({s.opts.preset}): {action}, {now_iso()}\n{s.data.describe()}\n"
-            f"{start}\n{s.encoder.summary(s.model)}\n{s.plan['lr_note']}\nprecision {s.precision}, "
-            f"{s.plan['steps_per_epoch']} steps per epoch, "
+            f"{start}\n{s.encoder.summary(s.model)}\n{s.plan['lr_note']}\n{s.memory_plan.describe()}\n"
+            f"precision {s.precision}, {s.plan['steps_per_epoch']} steps per epoch, "
             f"{s.plan['total_steps']} steps to run in all\n")
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import __version__, run_options
+from .. import __version__, memory, run_options
 from ..data import Discovery, discover_volumes, pretraining_dataset
 from ..errors import BadInputError
 from ..models import build_pretrainer, load_pretrained
@@ -37,6 +37,7 @@ from ..runtime import keep_freed_memory
 from . import distributed, engine
 from .distributed import Sharding, World, derive_seed, unwrap
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
+from .plans import TrainingPlan, choose_plan, step_footprint, use_activation_checkpointing
 from .run_writer import RunWriter, StopController
 
 log = logging.getLogger("mim3d.training")
@@ -77,6 +78,7 @@ class Setup:
     dataset: Dataset
     sharding: Sharding
     plan: dict  # config.json "optimization"
+    memory_plan: TrainingPlan  # config.json "plan"
 
     @property
     def run_dir(self) -> RunDir:
@@ -104,7 +106,7 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     opts, resume = run_options.resolve(PretrainOptions, args)
     device = distributed.select_device(opts.device, world)
     discovery = _discover(opts.data, emitter, world)
-    model = _build_model(opts, device)
+    model = _build_model(opts)
     sharding = Sharding(len(discovery.volumes), opts.batch_size, opts.accum, world, opts.seed)
     plan = optimisation_plan(opts, sharding)
     if resume is None:
@@ -117,9 +119,46 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     if note:
         log.warning(note)
     log.info("%s", plan["lr_note"])
-    crop_size = getattr(model.config, "crop_size", model.config.input_size)  # MiM: 2 × input_size (§4.1)
-    dataset = pretraining_dataset(discovery.volumes, crop_size, Path(opts.cache), seed=opts.seed)
-    return Setup(opts, resume, world, device, precision, discovery, model, dataset, sharding, plan)
+    memory_plan = plan_memory(opts, model, memory.budget(device))
+    log.info("%s", memory_plan.describe())
+    emitter.progress("plan", 1.0, memory_plan.describe())
+    dataset = pretraining_dataset(discovery.volumes, _crop_size(model), Path(opts.cache), seed=opts.seed)
+    return Setup(opts, resume, world, device, precision, discovery, model, dataset, sharding, plan, memory_plan)
+
+
+def _crop_size(model: nn.Module) -> int:
+    return getattr(model.config, "crop_size", model.config.input_size)  # MiM: 2 × input_size (§4.1)
+
+
+def plan_memory(opts: PretrainOptions, model: nn.Module, budget: memory.Budget) -> TrainingPlan:
+    """Whether one step of --batch-size volumes fits ``budget``, with MiM's activation checkpointing if it must
+    (training/plans.py; --override activation_checkpointing=true|false fixes the choice); turns it on in ``model``.
+
+    Raises:
+        BadInputError: it does not fit; the message says what would.
+    """
+    crop = _crop_size(model)
+    inputs = (torch.zeros(opts.batch_size, 1, crop, crop, crop), None,
+              model.draw_noise(opts.batch_size, torch.Generator().manual_seed(0)))
+
+    @functools.cache
+    def footprint(checkpointing: bool):
+        return step_footprint(model, inputs, lambda out: out["loss"], checkpointing=checkpointing)
+
+    def would_fit(room: int) -> str:
+        per_volume = footprint(opts.method == "mim").activations / opts.batch_size
+        fits = int(room // per_volume)
+        if fits >= 1:
+            return (f"--batch-size {fits} would fit (with --accum {-(-opts.batch_size // fits)} for about the same "
+                    "effective batch)")
+        return "--preset small would fit" if opts.preset == "base" else "not even one volume fits"
+
+    chosen = choose_plan(footprint, budget, requested=opts.override.get("activation_checkpointing"),
+                         can_checkpoint=opts.method == "mim", would_fit=would_fit,
+                         what=f"{opts.method} {opts.preset} pre-training at batch {opts.batch_size}")
+    if chosen.activation_checkpointing:
+        use_activation_checkpointing(model)
+    return chosen
 
 
 def _discover(folders: tuple[str, ...], emitter: Emitter, world: World) -> Discovery:
@@ -131,14 +170,9 @@ def _discover(folders: tuple[str, ...], emitter: Emitter, world: World) -> Disco
     return discovery
 
 
-def _build_model(opts: PretrainOptions, device: torch.device) -> nn.Module:
-    overrides = dict(opts.override)
-    if (opts.method == "mim" and opts.preset == "base" and device.type == "cpu"
-            and "activation_checkpointing" not in overrides):
-        overrides["activation_checkpointing"] = True  # the base preset's activations do not fit a CPU's memory
-        log.info("activation checkpointing on (MiM base preset on the CPU; same results, less memory)")
+def _build_model(opts: PretrainOptions) -> nn.Module:
     torch.manual_seed(derive_seed(opts.seed, "init"))  # the same initial weights in every process
-    return build_pretrainer(opts.method, opts.preset, **overrides)
+    return build_pretrainer(opts.method, opts.preset, **opts.override)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -165,7 +199,8 @@ def train(s: Setup, emitter: Emitter) -> None:
 
 
 def _trainer(s: Setup, writer: RunWriter, stop: StopController) -> engine.Trainer:
-    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
+    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device,
+                                   has_unused_parameters=s.opts.method == "mim")
     optimizer = torch.optim.AdamW(engine.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
                                   betas=engine.ADAMW_BETAS)
     schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts.min_lr,
@@ -192,7 +227,7 @@ def _config_json(s: Setup) -> dict:
             "model": {"method": s.opts.method, "preset": s.opts.preset, "config": config_to_dict(s.model.config)},
             "data": {"folders": list(s.opts.data), "summary": s.discovery.summary(),
                      "volumes": [volume_key(v) for v in s.discovery.volumes]},
-            "optimization": s.plan,
+            "optimization": s.plan, "plan": s.memory_plan.to_config(),
             "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}
 
 
@@ -200,8 +235,9 @@ def _preamble(s: Setup, step: int) -> str:
     """What log.txt starts each process's section with (stderr has shown it already)."""
     action = f"resuming at step {step}" if s.resume else "new run"
     return (f"==== mim3d pretrain {s.opts.method} ({s.opts.preset}): {action}, {now_iso()}\n"
-            f"{s.discovery.describe()}\n{s.plan['lr_note']}\nprecision {s.precision}, {s.plan['steps_per_epoch']} "
-            f"steps per epoch, {s.plan['total_steps']} steps to run in all\n")
+            f"{s.discovery.describe()}\n{s.plan['lr_note']}\n{s.memory_plan.describe()}\n"
+            f"precision {s.precision}, {s.plan['steps_per_epoch']} steps per epoch, "
+            f"{s.plan['total_steps']} steps to run in all\n")
 
 
 # ---- the optimisation plan and what a resumed run must keep ---------------------------------------------------------
