@@ -1,6 +1,6 @@
 """A headless MRML scene from the slicer-core wheel: real MRML and module logics, no Slicer application.
 
-Recipe of SLICER_NOTES B1 (the application logic is set before the scene). Inside ``headless_scene()``,
+The application logic is set before the scene, as Slicer does at start-up. Inside ``headless_scene()``,
 ``slicer.mrmlScene`` and ``slicer.modules.<colors|volumes|segmentations>.logic()`` are what Slicer would give;
 they are restored when the block ends. Use it from a fixture::
 

@@ -1,5 +1,5 @@
 """A straightforward transcription of the official MiM encoder and decoder forward pass (JiaxinZhuang/MiM,
-Pretrain/models_convmae3d_v4.py and vision_transformer.py, as specified in MIM_METHOD.md §2–§3).
+Pretrain/models_convmae3d_v4.py and vision_transformer.py, as specified in METHOD.md §2–§3).
 
 It shares every parameter with `MiMPretrainer` (it is a subclass) but computes as the official code does:
 channels-first convolutions with nn.Conv3d, LayerNorms through permutes, dense fusion convs gathered afterwards,

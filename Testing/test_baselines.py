@@ -1,4 +1,4 @@
-"""MAE and SimMIM on a MONAI ViT, and the UNETR their encoders fine-tune in (MIM_METHOD §14.2)."""
+"""MAE and SimMIM on a MONAI ViT, and the UNETR their encoders fine-tune in (METHOD.md §14.2)."""
 
 import dataclasses
 

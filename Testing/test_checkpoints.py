@@ -1,5 +1,5 @@
 """Checkpoints: mim3d's own format, official MiM checkpoints read without running code, and pre-trained weights loaded
-into pre-training models, mim-unetr and MONAI UNETR with an exact report (MIM_METHOD §9.4, §10, §15.3)."""
+into pre-training models, mim-unetr and MONAI UNETR with an exact report (METHOD.md §9.4, §10, §15.3)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ KEY_TABLE = Path("/work/shared/reference/mim_official_pretrain_keys.json")
 if not KEY_TABLE.exists():
     KEY_TABLE = Path(__file__).parent / "data" / "mim_official_pretrain_keys.json"
 
-# MIM_METHOD §9.4: checkpoint keys the fine-tuning network does not use.
+# METHOD.md §9.4: checkpoint keys the fine-tuning network does not use.
 PRETRAINING_ONLY = re.compile(r"norm\.|stage[123]_output_decode\.|decoder_embed\.|mask_token$|decoder_pos_embed$|"
                               r"decoder_blocks\.|decoder_norm\.|decoder_pred\.|"
                               r"aggregate_(mid|down|pred_up_feature|pred_mid_feature)\.")
-# MIM_METHOD §9.4: mim-unetr keys left at initialisation.
+# METHOD.md §9.4: mim-unetr keys left at initialisation.
 FINE_TUNING_ONLY = re.compile(r"backbone\.fpn\.|gamma_[12]$|relative_position_(bias_table|index)$|"
                               r"^(encoder(1|2|3|4|10)|decoder[1-5]|out)\.")
 

@@ -1,4 +1,4 @@
-"""mim3d.data.transforms: the pre-training and fine-tuning pipelines (MIM_METHOD §8.2, §9.5) on the real CT: values,
+"""mim3d.data.transforms: the pre-training and fine-tuning pipelines (METHOD.md §8.2, §9.5) on the real CT: values,
 padding, crops that depend only on (seed, epoch, index), the content-keyed cache, unreadable volumes mid-run, and
 remapped labels in model space."""
 

@@ -208,7 +208,7 @@ def test_real_totalsegmentator_labels_remapped_to_the_project_table_pass_the_che
     table = LabelTable.from_dict({"labels": [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}]})
     as_stored = FinetuneCase(example_ct_sm_path, example_seg_path, "ct_sm")
     [problem] = check_cases([as_stored], table)
-    assert "case ct_sm has label values 3, 4, 5, 6, 7," in problem  # the "total" ids (TEST_DATA.md §4)
+    assert "case ct_sm has label values 3, 4, 5, 6, 7," in problem  # the "total" ids (mim3d.example_data)
     remapped = FinetuneCase(example_ct_sm_path, example_seg_path, "ct_sm", label_map={5: 1, 1: 2})
     assert check_cases([remapped], table) == []
     image = sitk.ReadImage(str(example_ct_sm_path))

@@ -30,7 +30,7 @@ def test_each_file_format_reads_the_same_voxels_on_the_same_grid(tmp_path, examp
 
 
 def test_the_real_dicom_series_with_empty_uids_reads_on_its_documented_grid(example_dicom_dir):
-    image = io.read_volume(example_dicom_dir)  # JPEG 2000 lossless, UIDs '' (TEST_DATA.md §5)
+    image = io.read_volume(example_dicom_dir)  # JPEG 2000 lossless, UIDs '' (mim3d.example_data)
     assert image.GetSize() == (512, 512, 20)
     assert np.allclose(image.GetSpacing(), (0.9765625, 0.9765625, 2.0))
     assert np.allclose(image.GetOrigin(), (-249.51171875, -437.51171875, -804.5))

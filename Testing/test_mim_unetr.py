@@ -1,4 +1,4 @@
-"""mim-unetr, the MiM encoder in a Swin-UNETR-style decoder (MIM_METHOD §9): shapes, names, sizes, input checks."""
+"""mim-unetr, the MiM encoder in a Swin-UNETR-style decoder (METHOD.md §9): shapes, names, sizes, input checks."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_base_preset_has_the_parameter_count_of_the_official_network():
     net = build_segmenter("mim-unetr", 14, "base")
     backbone = sum(p.numel() for p in net.backbone.parameters())
     decoder = sum(p.numel() for p in net.parameters()) - backbone
-    # MIM_METHOD §2.6: fine-tuning backbone ≈ 24.13 M, Swin-UNETR decoder (fs 48, 14 classes) ≈ 54.13 M, total ≈ 78.3 M
+    # METHOD.md §2.6: fine-tuning backbone ≈ 24.13 M, Swin-UNETR decoder (fs 48, 14 classes) ≈ 54.13 M, total ≈ 78.3 M
     assert backbone == 24_132_060
     assert decoder == 54_125_294
 

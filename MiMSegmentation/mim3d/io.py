@@ -186,7 +186,7 @@ def read_geometry(path: str | Path) -> Geometry:
 def list_dicom_series(folder: str | Path) -> list[tuple[str, list[Path]]]:
     """Every DICOM series under ``folder`` (recursively): (series instance UID, its files sorted by position).
 
-    The UID may be "" (tolerated, TEST_DATA.md §5); files of one series are expected in one folder, so the same UID in
+    The UID may be "" (tolerated); files of one series are expected in one folder, so the same UID in
     two folders gives two entries. Only files that look like DICOM are scanned (see ``is_dicom_candidate``).
     """
     series = []

@@ -31,7 +31,7 @@ ENCODER_MODES = {
 
 
 class AlignForm(StrEnum):
-    """Cross-level alignment loss (MIM_METHOD §6.6)."""
+    """Cross-level alignment loss (METHOD.md §6.6)."""
 
     CE = "ce"  # softmax cross-entropy over the parent's regions, true source region positive (Variant A)
     BYOL = "byol"  # 2 - 2·cos(child, true source region)
@@ -39,7 +39,7 @@ class AlignForm(StrEnum):
 
 
 class Level1Grouping(StrEnum):
-    """How level-1 tokens form the 8 masking groups (MIM_METHOD §4.4)."""
+    """How level-1 tokens form the 8 masking groups (METHOD.md §4.4)."""
 
     OCTANT = "octant"  # 8 octant blocks of the token grid: the masked groups are exactly the level-2 crops
     RASTER = "raster"  # the official code: 8 runs of consecutive raster-order tokens (only 1/3 overlaps its octant)
@@ -47,7 +47,7 @@ class Level1Grouping(StrEnum):
 
 @dataclass(frozen=True)
 class MiMConfig:
-    """MiM pre-training model (MIM_METHOD §2–§7). Each 2·input_size crop yields 1 + n2 + n2·n3 network passes."""
+    """MiM pre-training model (METHOD.md §2–§7). Each 2·input_size crop yields 1 + n2 + n2·n3 network passes."""
 
     in_channels: int = 1
     input_size: int = 96  # network input edge in voxels; token grid = input_size // 16 (§2.1)
@@ -108,7 +108,7 @@ class MiMConfig:
 
 @dataclass(frozen=True)
 class ViTMIMConfig:
-    """MAE or SimMIM on a MONAI ViT (Chen et al. 2022, MIM_METHOD §14.2). Decoder fields are MAE-only."""
+    """MAE or SimMIM on a MONAI ViT (Chen et al. 2022, METHOD.md §14.2). Decoder fields are MAE-only."""
 
     in_channels: int = 1
     input_size: int = 96
@@ -133,7 +133,7 @@ class ViTMIMConfig:
 
 @dataclass(frozen=True)
 class MiMUNETRConfig:
-    """The MiM encoder in a Swin-UNETR-style U-decoder (MIM_METHOD §9). feature_size = embed_dims[0]."""
+    """The MiM encoder in a Swin-UNETR-style U-decoder (METHOD.md §9). feature_size = embed_dims[0]."""
 
     embed_dims: tuple[int, int, int, int] = (48, 96, 192, 384)  # must equal the pre-trained encoder's (§9.2)
     depths: tuple[int, int, int, int] = (2, 2, 2, 11)
@@ -153,7 +153,7 @@ class MiMUNETRConfig:
 
 @dataclass(frozen=True)
 class UNETRConfig:
-    """MONAI UNETR for ViT encoders pre-trained with MAE or SimMIM (MIM_METHOD §14.2)."""
+    """MONAI UNETR for ViT encoders pre-trained with MAE or SimMIM (METHOD.md §14.2)."""
 
     hidden_size: int = 768  # MONAI UNETR always builds 12 layers with 16³ patches
     mlp_dim: int = 3072

@@ -71,7 +71,7 @@ class RunOptions:
     """What both training commands share: the run folder, model size, schedule, device, data loading and logging.
 
     Each command adds its data, its model choice and the fields whose defaults differ (epochs, batch_size, lr,
-    warmup_epochs, weight_decay; MIM_METHOD §8.3 for pre-training, §9.5 for fine-tuning).
+    warmup_epochs, weight_decay; METHOD.md §8.3 for pre-training, §9.5 for fine-tuning).
     """
 
     out: str | None = option(None, "new run folder (must not hold a run)", metavar="RUN_DIR", path=True)
@@ -94,7 +94,7 @@ class RunOptions:
                                    "--epochs; kept by --resume unless given again)", check=at_least(1), type=int,
                                    may_change=True)
     checkpoint_every: int = option(100, "keep checkpoints/epoch-N.pt every N epochs (last.pt is written every epoch)",
-                                   check=at_least(1), type=int, metavar="EPOCHS", may_change=True)  # MIM_METHOD §8.4
+                                   check=at_least(1), type=int, metavar="EPOCHS", may_change=True)  # METHOD.md §8.4
     log_every: int = option(10, "metrics.jsonl / TensorBoard every N steps", check=at_least(1), type=int,
                             metavar="STEPS", may_change=True)
 
@@ -163,7 +163,7 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class PretrainOptions(RunOptions):
-    """`mim3d pretrain`: MiM, MAE or SimMIM on folders of scans (MIM_METHOD §8.3 for the recipe)."""
+    """`mim3d pretrain`: MiM, MAE or SimMIM on folders of scans (METHOD.md §8.3 for the recipe)."""
 
     data: tuple[str, ...] | None = option(None, "folder of scans, searched recursively (repeatable)",
                                           action="append", metavar="DIR", path=True, parse=tuple)
@@ -199,7 +199,7 @@ SOURCE_OPTIONS = ("images", "dataset", "segmentations")
 
 @dataclass(frozen=True)
 class FinetuneOptions(RunOptions):
-    """`mim3d finetune`: a segmenter on labelled cases (the BTCV recipe of MIM_METHOD §9.5)."""
+    """`mim3d finetune`: a segmenter on labelled cases (the BTCV recipe of METHOD.md §9.5)."""
 
     images: str | None = option(None, "folder of images; each pairs with the label of the same name", metavar="DIR",
                                 path=True, group=DATA)

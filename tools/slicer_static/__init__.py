@@ -1,6 +1,6 @@
 """Static checks of the Slicer-facing files, as plain functions that return a list of problems (empty: all good).
 
-What needs Slicer's Qt GUI cannot run on the host, so these checks read the files instead (SLICER_NOTES B4), one
+What needs Slicer's Qt GUI cannot run on the host, so these checks read the files instead, one
 module per concern:
 
 - ``python_checks``: Python 3.12 byte-compilation, an AST lint of the module file, an import of the glue packages with

@@ -1,4 +1,4 @@
-"""Pre-processing for pre-training (MIM_METHOD §8.2) and fine-tuning (§9.5) as MONAI dictionary transforms.
+"""Pre-processing for pre-training (METHOD.md §8.2) and fine-tuning (§9.5) as MONAI dictionary transforms.
 
 Each dataset has a deterministic part (read through ``mim3d.io``, orient to RAS, resample, window, crop, pad), cached
 on disk by ``mim3d.data.cache``, and a random part (crops, augmentations) whose randomness is a pure function of
@@ -63,7 +63,7 @@ def _check_window(hu_window: tuple[float, float]) -> None:
 
 @dataclass(frozen=True)
 class PretrainPreprocessing:
-    """MIM_METHOD §8.2: RAS, clip HU to the window and scale to [0, 1], zero-pad to crop_size, one random crop."""
+    """METHOD.md §8.2: RAS, clip HU to the window and scale to [0, 1], zero-pad to crop_size, one random crop."""
 
     crop_size: int = 192  # §8.2: pad every axis to >= 192, one uniform 192³ crop (2·input_size for MiM)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)  # §8.2 step 3; padding value 0 is then -1000 HU
@@ -76,7 +76,7 @@ class PretrainPreprocessing:
 
 @dataclass(frozen=True)
 class FinetunePreprocessing:
-    """MIM_METHOD §9.5 (BTCV recipe): RAS, resample, window to [0, 1], foreground crop, pos/neg crops, augmentation."""
+    """METHOD.md §9.5 (BTCV recipe): RAS, resample, window to [0, 1], foreground crop, pos/neg crops, augmentation."""
 
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 2.0)  # §9.5 [PAPER-T2]; bilinear image, nearest label
     hu_window: tuple[float, float] = (-175.0, 250.0)  # §9.5, clipped
@@ -243,7 +243,7 @@ class PretrainingDataset(_EpochDataset):
 
 def pretraining_dataset(volumes: Sequence[Source], crop_size: int, cache_dir: Path | None,
                         hu_window: tuple[float, float] = (-1000.0, 1000.0), seed: int = 0) -> PretrainingDataset:
-    """The pre-training dataset of MIM_METHOD §8.2 over ``volumes`` (records from ``discover_volumes``, or paths).
+    """The pre-training dataset of METHOD.md §8.2 over ``volumes`` (records from ``discover_volumes``, or paths).
 
     Item i: float32 tensor (1, S, S, S), S = crop_size, values in [0, 1] (HU window -> [0, 1], padding 0), RAS; the
     crop position depends only on (seed, epoch, i). Call ``set_epoch`` each epoch; read ``skipped`` for the count
@@ -395,7 +395,7 @@ class FinetuneValDataset(Dataset):
 
 def finetune_train_dataset(cases: Sequence[FinetuneCase], settings: FinetunePreprocessing, cache_dir: Path | None,
                            seed: int = 0) -> FinetuneTrainDataset:
-    """The fine-tuning training dataset of MIM_METHOD §9.5 (see ``FinetuneTrainDataset``)."""
+    """The fine-tuning training dataset of METHOD.md §9.5 (see ``FinetuneTrainDataset``)."""
     return FinetuneTrainDataset(cases, settings, cache_dir, seed)
 
 

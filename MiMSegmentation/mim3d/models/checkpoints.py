@@ -1,5 +1,5 @@
 """Checkpoint files: mim3d's own format, safe reading of official MiM checkpoints, and loading pre-trained weights with
-a report of what was loaded, ignored and left at initialisation (MIM_METHOD §9.4, §10; STYLE §10).
+a report of what was loaded, ignored and left at initialisation (METHOD.md §9.4, §10; STYLE §10).
 
 Formats read:
 - "mim3d": a dict {"format": "mim3d-checkpoint", "format_version": 1, "method", "config", "model", ...}, written by

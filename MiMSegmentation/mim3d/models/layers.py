@@ -1,5 +1,5 @@
 """Building blocks shared by MiM, MAE, SimMIM and mim-unetr: token layout, masking, sin-cos positions, the hybrid
-conv + transformer encoder (MIM_METHOD §2).
+conv + transformer encoder (METHOD.md §2).
 
 Conventions, kept everywhere:
 - Volumes are (B, C, H, W, D); tokens are (B, L, C) in H·W·D raster order, D fastest: t = (h·gw + w)·gd + d.

@@ -1,4 +1,4 @@
-"""MAE on a MONAI ViT, the MIM-Med3D baseline (He et al. 2022 as used by Chen et al. 2022; MIM_METHOD §14.2).
+"""MAE on a MONAI ViT, the MIM-Med3D baseline (He et al. 2022 as used by Chen et al. 2022; METHOD.md §14.2).
 
 The encoder is stored as `vit`, a `monai.networks.nets.ViT` built with exactly the arguments MONAI `UNETR` uses for its
 own `vit`, so the pre-trained `vit.*` weights load into `UNETR.vit` with strict=True. MONAI's `MaskedAutoEncoderViT`

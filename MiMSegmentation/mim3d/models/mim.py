@@ -1,8 +1,9 @@
 """MiM, "Mask in Mask" self-supervised pre-training (Zhuang et al., IEEE TMI 2025; arXiv 2404.15580).
 
-The whole method in one file, in the order of MIM_METHOD.md: encoder additions (§2.4), decoder (§3), masking per level
+The whole method in one file, in the order of METHOD.md: encoder additions (§2.4), decoder (§3), masking per level
 (§4), reconstruction loss (§5), cross-level alignment (§6), total objective (§7).
-Sections, official-code defects and this project's deliberate differences: docs/design/METHOD.md (= MIM_METHOD).
+Sections (§), official-code defects and this project's deliberate differences: docs/design/METHOD.md, which every
+"METHOD.md §x" in the code points into.
 
 Levels (official names in brackets): level 1 ["up"] is the 2s³ crop resized to s³ with 4 of its 8 groups masked;
 level 2 ["mid"/"usual"] are masked octants of the crop at native resolution; level 3 ["down"] are masked 16³ token

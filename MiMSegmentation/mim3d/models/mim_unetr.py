@@ -1,5 +1,5 @@
 """mim-unetr: the MiM hybrid encoder in a Swin-UNETR-style U-decoder, the official fine-tuning network `ConvViT3dUNETR`
-(Zhuang et al., IEEE TMI 2025; MIM_METHOD §9).
+(Zhuang et al., IEEE TMI 2025; METHOD.md §9).
 
 It is MONAI's SwinUNETR with the Swin encoder replaced by the MiM backbone (§9.1). The backbone keeps the pre-trained
 parameter names under `backbone.` and adds what fine-tuning needs (§9.2): layer-scale `gamma_1/2`, a relative
@@ -32,7 +32,7 @@ PATCH = 16  # effective patch size of the encoder: four stride-2 stages
 
 
 class MiMUNETR(nn.Module):
-    """MiM encoder + U-decoder segmentation network (MIM_METHOD §9): (B, in_channels, *roi_size) -> logits.
+    """MiM encoder + U-decoder segmentation network (METHOD.md §9): (B, in_channels, *roi_size) -> logits.
 
     Args:
         config: encoder sizes and fine-tuning options; feature_size of the decoder is embed_dims[0].

@@ -1,4 +1,4 @@
-"""SimMIM on a MONAI ViT, the MIM-Med3D baseline (Xie et al. 2022 as used by Chen et al. 2022; MIM_METHOD §14.2).
+"""SimMIM on a MONAI ViT, the MIM-Med3D baseline (Xie et al. 2022 as used by Chen et al. 2022; METHOD.md §14.2).
 
 Every token goes through the encoder, the masked ones replaced by a learned mask token before the positions are added;
 one linear layer maps each encoded token to its patch's voxels. The encoder, noise, input check and L1 loss on masked

@@ -1,4 +1,4 @@
-"""MONAI UNETR (Hatamizadeh et al. 2022) for ViT encoders pre-trained with MAE or SimMIM (MIM_METHOD §14.2).
+"""MONAI UNETR (Hatamizadeh et al. 2022) for ViT encoders pre-trained with MAE or SimMIM (METHOD.md §14.2).
 
 Its `vit` has the arguments of `mim3d.models.mae.build_vit`, so pre-trained `vit.*` weights load with strict=True.
 """

@@ -109,7 +109,7 @@ def wrap_model(model: nn.Module, world: World, device: torch.device, *, has_unus
                ) -> nn.Module:
     """DDP for several processes. has_unused_parameters (MiM pre-training only): its parent-side projection heads get
     no gradient from the CE / BYOL alignment forms (and none of the heads with alignment off), which plain DDP would
-    wait on forever (the official code's `find_unused_parameters=False` defect, MIM_METHOD §12.7); DDP then searches
+    wait on forever (the official code's `find_unused_parameters=False` defect, METHOD.md §12.7); DDP then searches
     the autograd graph after every forward, which the other models (MAE, SimMIM, the segmenters) need not pay."""
     if not world.distributed:
         return model

@@ -1,6 +1,6 @@
 """What fine-tuning trains of the pre-trained encoder: `mim3d finetune --encoder full|frozen|gradual`.
 
-- full: every weight trains from the first step (the BTCV recipe, MIM_METHOD §9.5).
+- full: every weight trains from the first step (the BTCV recipe, METHOD.md §9.5).
   (The modes and their one-line help are the vocabulary `mim3d.presets.ENCODER_MODES`.)
 - frozen: the pre-trained encoder stays as loaded: in eval mode (no drop-path), requires_grad False, not given to the
   optimiser (no AdamW state). Nothing upstream of it needs a gradient, so autograd records nothing inside it and keeps

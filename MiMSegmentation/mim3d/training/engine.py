@@ -1,5 +1,5 @@
 """The training loop shared by pre-training and fine-tuning: optimiser, learning-rate schedule, precision, the inner
-`train_one_epoch`, the outer `fit`, and the training state a checkpoint holds (MIM_METHOD §8.3; STYLE §9).
+`train_one_epoch`, the outer `fit`, and the training state a checkpoint holds (METHOD.md §8.3; STYLE §9).
 
 - AdamW (0.9, 0.95), weight decay on weights only: biases, norms and every other 1-D parameter are not decayed, and
   frozen parameters are not given to the optimiser at all (timm 0.3.2 `add_weight_decay`, as the official code).
@@ -30,7 +30,7 @@ from ..models.checkpoints import save_checkpoint
 from .distributed import World, all_reduce_sum, gather_objects, unwrap
 from .run_writer import RunWriter, StopController
 
-ADAMW_BETAS = (0.9, 0.95)  # MIM_METHOD §8.3
+ADAMW_BETAS = (0.9, 0.95)  # METHOD.md §8.3
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

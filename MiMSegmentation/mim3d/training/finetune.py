@@ -1,4 +1,4 @@
-"""Fine-tuning a segmentation network on labelled cases (MIM_METHOD §9, §14.2): a run folder (mim3d.runs) that ends
+"""Fine-tuning a segmentation network on labelled cases (METHOD.md §9, §14.2): a run folder (mim3d.runs) that ends
 with a model package `mim3d segment` uses directly.
 
     mim3d finetune --images imagesTr --labels labelsTr --label-table labels.json --out runs/ft-1 --pretrained runs/mim-1

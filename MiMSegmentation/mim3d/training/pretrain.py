@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 -m mim3d pretrain --data /scans --out runs/mim-2        # 4 GPUs: batch is per process
     mim3d pretrain --data /scans --out runs/mim-3 --init checkpoint-final.pth          # continue the official weights
 
-Learning rate (MIM_METHOD §8.3): lr = base lr × effective batch / 256, effective batch = batch × accum × processes,
+Learning rate (METHOD.md §8.3): lr = base lr × effective batch / 256, effective batch = batch × accum × processes,
 unless --lr gives it directly. The official scripts also multiply by their unused sw_batch_size 4 (§12.6), so their
 runs correspond to --blr 4e-4 here. Stop with SIGTERM, Ctrl-C or `touch RUN_DIR/STOP`: the step in progress finishes,
 checkpoints/last.pt is saved, the run ends "stopped" (exit 0), and --resume continues it exactly.
@@ -260,7 +260,7 @@ def optimisation_plan(opts: PretrainOptions, sharding: Sharding) -> dict:
             "world_size": sharding.world.size, "base_lr": opts.blr, "lr": lr, "lr_rule": rule,
             "lr_note": (f"lr {lr:.4g} ({rule}; effective batch = batch {opts.batch_size} × accum {opts.accum} × "
                         f"{_processes(sharding.world.size)}). The official scripts also count sw_batch_size 4 "
-                        "(MIM_METHOD §12.6): the same base lr gives them 4× this lr."),
+                        "(METHOD.md §12.6): the same base lr gives them 4× this lr."),
             "min_lr": opts.min_lr, "weight_decay": opts.weight_decay, "betas": list(engine.ADAMW_BETAS),
             "epochs": opts.epochs, "warmup_epochs": opts.warmup_epochs,
             "warmup_steps": opts.warmup_epochs * spe, "steps_per_epoch": spe, "scheduled_steps": scheduled,

@@ -1,4 +1,4 @@
-"""Validation during fine-tuning (MIM_METHOD §9.6): sliding-window inference on each whole validation case, argmax,
+"""Validation during fine-tuning (METHOD.md §9.6): sliding-window inference on each whole validation case, argmax,
 and the Dice of every label of the table.
 
 - Space: the model's (RAS, resampled, windowed, foreground-cropped, padded to the ROI), as the official evaluation;
