@@ -75,3 +75,27 @@ def test_derived_seeds_are_stable_and_distinct():
     assert len({derive_seed(0, "noise", 1, p) for p in range(100)}) == 100
     assert 0 <= derive_seed("x") < 2**63
     torch.Generator().manual_seed(derive_seed(2**40, "order", 10**6))  # always a valid torch seed
+
+
+def test_ddp_searches_for_unused_parameters_only_for_mim_pre_training(tmp_path):
+    """Real DDP in a real (one-process gloo) group: find_unused_parameters costs a graph search after every forward,
+    needed only by MiM's projection heads that get no gradient (METHOD.md §12.7)."""
+    import torch.distributed as dist
+
+    from mim3d.models import build_pretrainer, build_segmenter
+    from mim3d.training.distributed import wrap_model
+
+    tiny = {"embed_dims": [6, 12, 24, 48], "depths": [1, 1, 1, 1], "num_heads": 4}
+    vit = {"hidden_size": 48, "mlp_dim": 96, "num_layers": 1, "num_heads": 4}
+    models = {"mim": build_pretrainer("mim", "small", **tiny, decoder_dim=24, decoder_depth=1, decoder_heads=4),
+              "mae": build_pretrainer("mae", "small", **vit), "simmim": build_pretrainer("simmim", "small", **vit),
+              "mim-unetr": build_segmenter("mim-unetr", 3, "small", (64, 64, 64), 1, **tiny),
+              "unetr": build_segmenter("unetr", 3, "small", (64, 64, 64), 1, hidden_size=48, mlp_dim=96,
+                                       num_heads=4)}
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        searched = {name: wrap_model(model, World(0, 2), torch.device("cpu")).find_unused_parameters
+                    for name, model in models.items()}
+    finally:
+        dist.destroy_process_group()
+    assert searched == {"mim": True, "mae": False, "simmim": False, "mim-unetr": False, "unetr": False}

@@ -66,6 +66,8 @@ class MiMPretrainer(HybridEncoder):
         >>> out["loss"].backward()
     """
 
+    has_unused_parameters = True  # DDP: some projection heads get no gradient (training.distributed.wrap_model)
+
     def __init__(self, config: MiMConfig):
         config.validate()
         g = config.input_size // PATCH

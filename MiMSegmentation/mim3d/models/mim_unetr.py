@@ -16,13 +16,20 @@ Feature pyramid for a (B, C, H, W, D) input, f = feature_size = embed_dims[0], g
 
 Each hidden state is layer-normalised over channels without affine parameters (Swin-UNETR `proj_out`, normalize=True);
 `fpn` reads the transformer output before that normalisation, as the official backbone does.
+
+With ``activation_checkpointing`` (set by training plans), the decoder's blocks recompute their activations in
+backward one volume at a time: they act on each volume alone (instance norm), so the gradients are the same, and the
+full-resolution blocks' recomputation, the peak of a step, needs a quarter of the memory for 4 crops. The one
+cross-volume operation, fpn's BatchNorm, is in the backbone and is not split.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError
 from ..presets import MiMUNETRConfig
@@ -87,6 +94,14 @@ class MiMUNETR(nn.Module):
         self.decoder2 = UnetrUpBlock(in_channels=2 * f, out_channels=f, **up)
         self.decoder1 = UnetrUpBlock(in_channels=f, out_channels=f, **up)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f, out_channels=num_classes)
+        self.activation_checkpointing = False  # module docstring; the backbone has its own flag
+
+    def _block(self, block: nn.Module, *inputs: Tensor) -> Tensor:
+        """``block(*inputs)``, with its activations recomputed in backward one volume at a time when checkpointing."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return block(*inputs)
+        return torch.cat([checkpoint(block, *(x[i : i + 1] for x in inputs), use_reentrant=False)
+                          for i in range(inputs[0].shape[0])])
 
     def hidden_states(self, volume: Tensor) -> list[Tensor]:
         """(B, C, H, W, D) -> [hs0, …, hs4], each (B, C_i, …) channels-first, layer-normalised over channels."""
@@ -105,16 +120,17 @@ class MiMUNETR(nn.Module):
             raise ValueError(f"mim-unetr expects input of shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(volume.shape)}")
         hs = self.hidden_states(volume)
-        enc0 = self.encoder1(volume)
-        enc1 = self.encoder2(hs[0])
-        enc2 = self.encoder3(hs[1])
-        enc3 = self.encoder4(hs[2])
-        dec4 = self.encoder10(hs[4])
-        dec3 = self.decoder5(dec4, hs[3])
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.out(self.decoder1(dec0, enc0))
+        block = self._block
+        enc0 = block(self.encoder1, volume)
+        enc1 = block(self.encoder2, hs[0])
+        enc2 = block(self.encoder3, hs[1])
+        enc3 = block(self.encoder4, hs[2])
+        dec4 = block(self.encoder10, hs[4])
+        dec3 = block(self.decoder5, dec4, hs[3])
+        dec2 = block(self.decoder4, dec3, enc3)
+        dec1 = block(self.decoder3, dec2, enc2)
+        dec0 = block(self.decoder2, dec1, enc1)
+        return self.out(block(self.decoder1, dec0, enc0))
 
 
 def _channel_layer_norm(x: Tensor) -> Tensor:

@@ -105,16 +105,17 @@ def init_process_group(world: World, device: torch.device) -> None:
                             world_size=world.size)
 
 
-def wrap_model(model: nn.Module, world: World, device: torch.device, *, has_unused_parameters: bool = False
-               ) -> nn.Module:
-    """DDP for several processes. has_unused_parameters (MiM pre-training only): its parent-side projection heads get
-    no gradient from the CE / BYOL alignment forms (and none of the heads with alignment off), which plain DDP would
-    wait on forever (the official code's `find_unused_parameters=False` defect, METHOD.md §12.7); DDP then searches
-    the autograd graph after every forward, which the other models (MAE, SimMIM, the segmenters) need not pay."""
+def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """DDP for several processes. A model whose ``has_unused_parameters`` is true (MiM pre-training only: its
+    parent-side projection heads get no gradient from the CE / BYOL alignment forms, and none of the heads with
+    alignment off) gets find_unused_parameters, without which DDP would wait on their gradients forever (the official
+    code's `find_unused_parameters=False` defect, METHOD.md §12.7); DDP then searches the autograd graph after every
+    forward, which the other models (MAE, SimMIM, the segmenters) need not pay."""
     if not world.distributed:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=has_unused_parameters)
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=getattr(model, "has_unused_parameters", False))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -199,8 +199,7 @@ def train(s: Setup, emitter: Emitter) -> None:
 
 
 def _trainer(s: Setup, writer: RunWriter, stop: StopController) -> engine.Trainer:
-    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device,
-                                   has_unused_parameters=s.opts.method == "mim")
+    model = distributed.wrap_model(s.model.to(s.device), s.world, s.device)
     optimizer = torch.optim.AdamW(engine.param_groups(s.model, s.opts.weight_decay), lr=s.plan["lr"],
                                   betas=engine.ADAMW_BETAS)
     schedule = functools.partial(engine.lr_at, lr=s.plan["lr"], min_lr=s.opts.min_lr,
