@@ -7,8 +7,8 @@ budgets given to them. Training steps are traced in float32, so the GPU figures 
 smaller activations); a GPU budget is a card's free memory, not its size. Prints one JSON object on stdout and a
 Markdown table on stderr.
 
-    python bench/bench_plans.py            # about a minute on 2 cores (base models are traced with fake tensors)
-    python bench/bench_plans.py --quick    # small presets, the 3 GB GPU and the CPU only: seconds
+    python bench/bench_plans.py            # 100 s on 2 busy cores (base models are traced with fake tensors)
+    python bench/bench_plans.py --quick    # small presets, the 3 GB GPU and the CPU only: about 25 s
 """
 
 from __future__ import annotations
