@@ -6,7 +6,6 @@ decides what it shows with training_panel (run state, Start buttons, path fields
 sources are data_sources; curves are MRML plot charts (plots). torch is never imported by this module.
 """
 
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -602,18 +601,15 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         chart = plots.find_chart(slicer.mrmlScene, f"{finetune.out}#dice")
         self.assertEqual(plots.curve_values(chart, "organ")[1], list(snapshot.series["dice/organ"][1]))
 
-        savedHome = os.environ.get("MIM3D_HOME")
-        os.environ["MIM3D_HOME"] = str(work / "home")
-        try:
-            modelId = logic.registerModel(finetune.out)
-            from mim3d import registry
+        from MiMSegmentationLib import selftest_checks
 
-            self.assertIn(modelId, [m.id for m in registry.list_installed()])
+        try:
+            with selftest_checks.private_mim3d_home(work / "home"):
+                modelId = logic.registerModel(finetune.out)
+                from mim3d import registry
+
+                self.assertIn(modelId, [m.id for m in registry.list_installed()])
         finally:
-            if savedHome is None:
-                os.environ.pop("MIM3D_HOME", None)
-            else:
-                os.environ["MIM3D_HOME"] = savedHome
             shutil.rmtree(work, ignore_errors=True)
 
     def waitForRun(self, runDir, until=None, timeoutSeconds=900):

@@ -488,34 +488,27 @@ class MiMSegmentationTest(ScriptedLoadableModuleTest):
     def test_segment_button_through_the_widget(self):
         if not self.workerAvailable():
             return
-        import os
-
         volume = selftest_checks.oblique_volume()
         workDir = Path(slicer.util.tempDirectory("MiMSegmentationTest"))
-        savedHome = os.environ.get("MIM3D_HOME")
-        os.environ["MIM3D_HOME"] = str(workDir / "home")  # a private model folder, inherited by the worker
         try:
-            registry.import_package(self.selfTestPackage(workDir))
-            widget = slicer.modules.mimsegmentation.widgetRepresentation().self()
-            widget.refreshModels("mim-selftest")
-            parameters = widget.logic.getParameterNode()
-            parameters.inputVolume = volume
-            parameters.device = "cpu"
-            parameters.outputSegmentation = None
-            self.assertEqual(parameters.modelId, "mim-selftest")
-            self.assertEqual(widget.ui.applyButton.text, "Segment")
-            widget.ui.applyButton.click()
-            self.assertEqual(widget.ui.applyButton.text, "Cancel")
-            deadline = time.monotonic() + 600
-            while widget.panel.view(True, True).busy and time.monotonic() < deadline:
-                slicer.app.processEvents()
-                time.sleep(0.05)
-            self.assertEqual(widget.panel.state, PanelState.DONE, widget.ui.statusLabel.text)
-            self.assertEqual(widget.ui.applyButton.text, "Segment")
-            self.assertSelfTestSegments(parameters.outputSegmentation, volume)
+            with selftest_checks.private_mim3d_home(workDir / "home"):  # models of its own, inherited by the worker
+                registry.import_package(self.selfTestPackage(workDir))
+                widget = slicer.modules.mimsegmentation.widgetRepresentation().self()
+                widget.refreshModels("mim-selftest")
+                parameters = widget.logic.getParameterNode()
+                parameters.inputVolume = volume
+                parameters.device = "cpu"
+                parameters.outputSegmentation = None
+                self.assertEqual(parameters.modelId, "mim-selftest")
+                self.assertEqual(widget.ui.applyButton.text, "Segment")
+                widget.ui.applyButton.click()
+                self.assertEqual(widget.ui.applyButton.text, "Cancel")
+                deadline = time.monotonic() + 600
+                while widget.panel.view(True, True).busy and time.monotonic() < deadline:
+                    slicer.app.processEvents()
+                    time.sleep(0.05)
+                self.assertEqual(widget.panel.state, PanelState.DONE, widget.ui.statusLabel.text)
+                self.assertEqual(widget.ui.applyButton.text, "Segment")
+                self.assertSelfTestSegments(parameters.outputSegmentation, volume)
         finally:
-            if savedHome is None:
-                os.environ.pop("MIM3D_HOME", None)
-            else:
-                os.environ["MIM3D_HOME"] = savedHome
             shutil.rmtree(workDir, ignore_errors=True)

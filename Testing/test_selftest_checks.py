@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -54,3 +56,15 @@ def test_each_check_reports_what_differs(scene, tmp_path):
                                                      ["segment", "'selftest-body'"], ["IJK-to-RAS", "[[1.4095,"]]
     assert "colour [26, 51, 76], expected [221, 130, 101]" in problems[1]
     assert "terminology type None, expected ['SCT', '10200004', 'Liver']" in problems[2]
+
+
+def test_a_private_mim3d_home_is_restored_after_the_block_also_when_it_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIM3D_HOME", "/the/users/home")
+    with pytest.raises(RuntimeError), selftest_checks.private_mim3d_home(tmp_path / "home") as home:
+        assert os.environ["MIM3D_HOME"] == str(home) == str(tmp_path / "home")
+        raise RuntimeError("a failing self-test")
+    assert os.environ["MIM3D_HOME"] == "/the/users/home"
+    monkeypatch.delenv("MIM3D_HOME")
+    with selftest_checks.private_mim3d_home(tmp_path / "home"):
+        pass
+    assert "MIM3D_HOME" not in os.environ

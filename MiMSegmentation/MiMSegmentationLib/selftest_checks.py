@@ -10,6 +10,9 @@ Imports ``slicer``, numpy, SimpleITK (all in Slicer's Python) and the light mim3
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,17 @@ def labels_import_problems(work_dir: str | Path) -> list[str]:
     node = mrml_bridge.import_labels(work_dir / "labels.nrrd", volume, IMPORT_TABLE)
     return segment_problems(node, volume, {"liver": 5 * 5 * 4, "spleen": 6 * 10 * 5}, IMPORT_TABLE)
 
+
+@contextmanager
+def private_mim3d_home(folder: str | Path) -> Iterator[Path]:
+    """MIM3D_HOME set to ``folder`` for the block (workers started in it inherit it), then restored, also on error,
+    so a self-test's models and caches never mix with the user's."""
+    saved = os.environ.get("MIM3D_HOME")
+    os.environ["MIM3D_HOME"] = str(folder)
+    try:
+        yield Path(folder)
+    finally:
+        if saved is None:
+            os.environ.pop("MIM3D_HOME", None)
+        else:
+            os.environ["MIM3D_HOME"] = saved
