@@ -218,3 +218,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C reaches the whole process group: loader workers must not die of it while the step finishes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def run_on_every_rank(args, emitter, prepare, train) -> None:
+    """A training command on every process: `prepare(args, world, emitter)` checks everything and builds the setup,
+    then the process group starts and `train(setup, emitter)` runs; only rank 0 speaks and writes."""
+    world = world_from_env()
+    emitter = rank_zero_voice(world, emitter)
+    setup = prepare(args, world, emitter)
+    init_process_group(world, setup.device)  # all processes have validated everything: now write
+    try:
+        train(setup, emitter)
+    finally:
+        shutdown(world)

@@ -54,14 +54,7 @@ def run(args: argparse.Namespace, emitter: Emitter) -> None:
     if args.check_data:
         check_data(args, emitter)
         return
-    world = distributed.world_from_env()
-    emitter = distributed.rank_zero_voice(world, emitter)
-    setup = prepare(args, world, emitter)
-    distributed.init_process_group(world, setup.device)  # all processes have validated everything: now write
-    try:
-        train(setup, emitter)
-    finally:
-        distributed.shutdown(world)
+    distributed.run_on_every_rank(args, emitter, prepare, train)
 
 
 @dataclass
