@@ -104,6 +104,28 @@ def test_default_small_fine_tuning_is_planned_within_what_a_6_gb_job_leaves():
     assert plan.footprint.total < 4.5 * GB
 
 
+def test_a_refused_full_fine_tuning_names_the_frozen_encoder_when_that_fits(tmp_path):
+    roi, classes = (64, 64, 64), 3
+
+    def checkpointed_step(model):
+        return step_footprint(model, (torch.zeros(1, 1, *roi),), lambda out: out.float().log_softmax(1).mean(),
+                              criterion_bytes=finetune.CRITERION_COPIES * classes * 64**3 * 4, checkpointing=True)
+
+    full = checkpointed_step(build_segmenter("mim-unetr", classes, "small", roi, 1))
+    frozen_model = build_segmenter("mim-unetr", classes, "small", roi, 1)
+    EncoderMode.of("frozen", frozen_model, "mim-unetr", 1).apply(frozen_model, 0)
+    frozen = checkpointed_step(frozen_model)
+    budget = memory.Budget((full.total + frozen.total) // 2, "test")
+    for pretrained, hint in ((str(tmp_path / "run"), True), (None, False)):
+        opts = FinetuneOptions(arch="mim-unetr", preset="small", roi=roi, samples_per_volume=1, pretrained=pretrained)
+        model = build_segmenter("mim-unetr", classes, "small", roi, 1)
+        trainable = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(BadInputError) as refused:
+            finetune.plan_memory(opts, model, EncoderMode.of("full", model, "mim-unetr", 10), classes, budget)
+        assert ("--encoder frozen fits" in str(refused.value)) == hint, refused.value
+        assert [p.requires_grad for p in model.parameters()] == trainable  # the trace left the model as it was
+
+
 # ---- real jobs in a real 6 GB memory cgroup ---------------------------------------------------------------------
 
 def in_cgroup(limit: int, argv: list[str], home) -> tuple[int, list[dict]]:

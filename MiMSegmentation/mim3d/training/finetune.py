@@ -148,11 +148,28 @@ def plan_memory(opts: FinetuneOptions, model, encoder: EncoderMode, num_classes:
     def would_fit(room: int) -> str:
         fits = int(room // footprint(True, 1).activations)  # one crop's share is largest alone: never optimistic
         if fits >= opts.samples_per_volume:
-            return f"--batch-size {fits // opts.samples_per_volume} would fit"
-        if fits >= 1:
-            return f"--samples-per-volume {fits} would fit"
-        return f"not even one crop of --roi {' '.join(map(str, opts.roi))} fits; try --roi 64" + (
-            " or --preset small" if opts.preset == "base" else "")
+            change = f"--batch-size {fits // opts.samples_per_volume} would fit"
+        elif fits >= 1:
+            change = f"--samples-per-volume {fits} would fit"
+        else:
+            change = f"not even one crop of --roi {' '.join(map(str, opts.roi))} fits; try --roi 64" + (
+                " or --preset small" if opts.preset == "base" else "")
+        if opts.encoder != "frozen" and opts.pretrained and _frozen_footprint().total <= budget.bytes:
+            change += "; or, keeping every other option, --encoder frozen fits (the pre-trained encoder stays fixed)"
+        return change
+
+    def _frozen_footprint():
+        """The step with the encoder frozen (requires_grad and train flags restored afterwards)."""
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            EncoderMode.of("frozen", model, opts.arch, 1).apply(model, 0)
+            return footprint.__wrapped__(True, crops)
+        finally:
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            for module, training in modes:
+                module.training = training
 
     chosen = choose_plan(footprint, budget, requested=None, can_checkpoint=True, would_fit=would_fit,
                          what=f"{opts.arch} {opts.preset} fine-tuning on {crops} crop(s) of "
