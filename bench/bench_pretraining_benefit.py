@@ -159,7 +159,8 @@ def _finetune(arm: str, seed: int, inputs: dict[str, Path], out: Path, args, pro
     return _timed_worker([
         "finetune", "--images", str(inputs["images"]), "--labels", str(inputs["labels"]), "--label-table",
         str(inputs["table"]), "--label-map", label_map, "--val-cases", VALIDATION_CASE, "--arch", arch, *model,
-        *pretrained, "--roi", *PLAN["roi"], "--spacing", *PLAN["spacing"], "--epochs", str(args.finetune_steps),
+        *(PLAN["finetune_model"] if arch == "mim-unetr" else []), *pretrained, "--roi", *PLAN["roi"], "--spacing",
+        *PLAN["spacing"], "--samples-per-volume", PLAN["samples"], "--epochs", str(args.finetune_steps),
         "--max-steps", str(args.finetune_steps), "--val-every", str(args.val_every), "--lr", PLAN["finetune_lr"],
         "--out", str(run), "--device", "cpu", "--log-every", "5", "--seed", str(seed),
         "--workers", "0"],  # as the demo: one training case makes every step an epoch
