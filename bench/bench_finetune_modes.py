@@ -25,14 +25,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_pretraining_benefit import VALIDATION_CASE, _labelled_inputs, _present_organs
+from bench_pretraining_benefit import VALIDATION_CASE, _labelled_inputs, _prepare_out, _present_organs
 
 from mim3d import example_data
 from mim3d.demo import ORGANS, PLANS
@@ -60,7 +59,7 @@ def main() -> None:
     args = _parse_args()
     plan = PLANS["gpu" if args.device == "cuda" else "cpu"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    out = _prepare_out(Path(args.out))
+    out = _prepare_out(Path(args.out), ".bench-finetune-modes")
     started = time.perf_counter()
     inputs = _labelled_inputs(example_data.ensure(), out / "inputs")
     present = _present_organs(inputs["labels"] / f"{VALIDATION_CASE}.nii.gz")
@@ -101,17 +100,6 @@ def _parse_args() -> argparse.Namespace:
     if args.quick:
         args.pretrain_steps, args.probe_steps, args.budget = 1, 2, 4.0
     return args
-
-
-def _prepare_out(out: Path) -> Path:
-    marker = ".bench-finetune-modes"
-    if out.exists() and any(out.iterdir()):
-        if not (out / marker).exists():
-            sys.exit(f"{out}: folder is not empty and holds no earlier output of this benchmark; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / marker).touch()
-    return out
 
 
 def _finetune_args(mode: str, inputs: dict, encoder: Path, run: Path, plan: dict, args, steps: int) -> list[str]:

@@ -100,9 +100,9 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _prepare_out(out: Path) -> Path:
-    """A new or empty folder, or this benchmark's earlier output (replaced); never someone else's files."""
-    marker = ".bench-pretraining-benefit"
+def _prepare_out(out: Path, marker: str = ".bench-pretraining-benefit") -> Path:
+    """A new or empty folder, or this benchmark's earlier output (``marker`` in it; replaced); never someone else's
+    files."""
     if out.exists() and any(out.iterdir()):
         if not (out / marker).exists():
             sys.exit(f"{out}: folder is not empty and holds no earlier output of this benchmark; choose another --out")

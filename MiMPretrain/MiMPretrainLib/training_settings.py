@@ -221,9 +221,9 @@ FINETUNE_STEP_S = {"mim-unetr": (8.5, 31.2), "unetr": (2.7, 7.8)}
 # at 3.4× the voxels; MAE 0.77 s / 0.059 s at 3.4× the voxels).
 FINETUNE_BASE_FACTOR = {"mim-unetr": 6.4, "unetr": 3.9}
 # A step's time with the encoder frozen, or gradual's mean over its schedule, as a share of full's: the demo's CPU
-# mim-unetr (96×96×32, 2 crops), median of 4 steps each, 0.82 (rough: measured on 2 cores shared with other jobs; the
+# mim-unetr (64×64×32, 4 crops), 2.63 s against 2.99 s a step (docs/BENCHMARKS.md, bench_finetune_modes.py; the
 # decoder's full-resolution convolutions dominate). gradual: frozen for its first quarter, then counted as full.
-ENCODER_STEP_FACTOR = {"full": 1.0, "frozen": 0.82}
+ENCODER_STEP_FACTOR = {"full": 1.0, "frozen": 0.88}
 ENCODER_STEP_FACTOR["gradual"] = 0.25 * ENCODER_STEP_FACTOR["frozen"] + 0.75
 MEASURED_CORES = 2
 # No GPU step time has been measured yet (docs/BENCHMARKS.md): a GPU run gets no figure rather than a guessed one.
