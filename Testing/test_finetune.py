@@ -262,11 +262,10 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in entries(run_dir, "train")}
 
 
-def test_stopped_run_resumes_to_the_losses_and_dice_of_an_uninterrupted_run(three_cases, home, reference_run,
-                                                                            tmp_path):
-    out = tmp_path / "run"
-    process = subprocess.Popen(mim3d("finetune", *resume_args(three_cases, out)), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, env=environment(home))
+def stop_after_first_step(args: list[str], out: Path, home: Path) -> None:
+    """Run `mim3d finetune ARGS` and ask it to stop (out/STOP) once it has logged a step; it must exit 0."""
+    process = subprocess.Popen(mim3d("finetune", *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=environment(home))
     try:
         for line in process.stdout:
             event = parse_line(line)
@@ -278,6 +277,12 @@ def test_stopped_run_resumes_to_the_losses_and_dice_of_an_uninterrupted_run(thre
     finally:
         process.kill()
         process.wait()
+
+
+def test_stopped_run_resumes_to_the_losses_and_dice_of_an_uninterrupted_run(three_cases, home, reference_run,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    stop_after_first_step(resume_args(three_cases, out), out, home)
     status = read_status(out)
     assert status["state"] == "stopped" and 1 <= status["step"] < 4, status
 

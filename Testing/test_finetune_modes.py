@@ -8,7 +8,6 @@ what matters here is where each tensor goes, not what it learned).
 from __future__ import annotations
 
 import json
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -17,18 +16,16 @@ import torch
 from test_finetune import (
     MIM_TINY,
     NET,
-    TIMEOUT_S,
     bad_input,
     blob,
     entries,
-    environment,
     finetune_args,
     mim3d,
     overrides,
-    parse_line,
     protocol_events,
     read_status,
     run,
+    stop_after_first_step,
     synthetic_args,
     synthetic_cases,
     train_losses,
@@ -192,19 +189,7 @@ def test_stopped_run_resumes_to_the_losses_of_an_uninterrupted_run(mode, tmp_pat
     reference = tmp_path / "reference"
     assert run(mim3d("finetune", *mode_args(three_cases, reference, mode, encoder_checkpoint)), home).returncode == 0
     out = tmp_path / "run"
-    process = subprocess.Popen(mim3d("finetune", *mode_args(three_cases, out, mode, encoder_checkpoint)),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment(home))
-    try:
-        for line in process.stdout:
-            event = parse_line(line)
-            if event and event["type"] == "metric" and event["step"] >= 1:
-                (out / "STOP").touch()
-                break
-        process.stdout.read()
-        assert process.wait(TIMEOUT_S) == 0
-    finally:
-        process.kill()
-        process.wait()
+    stop_after_first_step(mode_args(three_cases, out, mode, encoder_checkpoint), out, home)
     assert read_status(out)["state"] == "stopped" and 1 <= read_status(out)["step"] < 4
     resumed = run(mim3d("finetune", "--resume", str(out)), home)
     assert resumed.returncode == 0 and protocol_events(resumed.stdout)[-1]["state"] == "finished"
