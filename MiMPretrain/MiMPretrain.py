@@ -32,9 +32,11 @@ from MiMPretrainLib import plots, training_runs
 from MiMPretrainLib.data_sources import SOURCE_FIELDS, DataSource, FinetuneData
 from MiMPretrainLib.training_panel import (
     ACTIVE,
+    LatestCheck,
     TrainingPanel,
     detected_device,
     estimate,
+    memory_estimate,
     path_text,
 )
 from MiMPretrainLib.training_settings import (
@@ -49,6 +51,7 @@ from MiMPretrainLib.training_settings import (
     PretrainSettings,
     default,
     installed_models,
+    plan_args,
     preview_args,
     start_after_install,
     summarize_preview,
@@ -128,7 +131,8 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.watcher = None
         self.snapshot = None
         self.installedModels = []  # (name shown, package folder) of installedModelSelector's items after the first
-        self.previewJob = None
+        self.previewCheck = LatestCheck(qt.QTimer.singleShot, self.onPreviewFinished)
+        self.planCheck = LatestCheck(qt.QTimer.singleShot, lambda outcome: self.updateGUI())  # the shown form's
         self.numScans = None
         self.refreshTimer = qt.QTimer()
 
@@ -166,6 +170,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pretrainedPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
         self.ui.finetuneRunFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPathEdited)
         self.ui.sceneSegmentationsSelector.connect("checkedNodesChanged()", self.updateGUI)
+        self.ui.tabWidget.connect("currentChanged(int)", self.updateGUI)  # the memory plan follows the shown form
         self.ui.addScanFolderButton.connect("clicked(bool)", self.onAddScanFolder)
         self.ui.removeScanFolderButton.connect("clicked(bool)", self.onRemoveScanFolder)
         self.ui.startPretrainButton.connect("clicked(bool)", self.onStartPretrain)
@@ -281,14 +286,20 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = field in SOURCE_FIELDS[data.source]
 
         pretrain, finetune = self.pretrainSettings(), self.finetuneSettings(data.options())
-        for settings, problems, count, button, label in (
-                (pretrain, pretrain.check(), self.numScans, self.ui.startPretrainButton, self.ui.pretrainEstimateLabel),
+        for settings, problems, count, button, label, tab in (
+                (pretrain, pretrain.check(), self.numScans, self.ui.startPretrainButton, self.ui.pretrainEstimateLabel,
+                 self.ui.pretrainTab),
                 (finetune, data.problems(finetune), data.case_count(), self.ui.startFinetuneButton,
-                 self.ui.finetuneEstimateLabel)):
+                 self.ui.finetuneEstimateLabel, self.ui.finetuneTab)):
             start = self.panel.start_view(problems)
             button.enabled, button.toolTip = start.enabled, start.tooltip
+            shown = self.ui.tabWidget.currentIndex == self.ui.tabWidget.indexOf(tab)
+            if shown:
+                self.planCheck.request(settings.COMMAND, None if problems else plan_args(settings))
             text = estimate(settings, count, detected_device(self.devices))
-            label.text = start.hint or (_("Estimated training time: {estimate}").format(estimate=text) if text else "")
+            lines = [_("Estimated training time: {estimate}").format(estimate=text) if text else "",
+                     memory_estimate(self.planCheck) if shown else ""]
+            label.text = start.hint or "\n".join(line for line in lines if line)
 
         run = self.panel.view()
         self.ui.stopRunButton.enabled = run.stop_enabled
@@ -329,25 +340,18 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def previewScans(self) -> None:
         """What the worker's discovery finds in the folders (counts, formats, spacings, skipped files and why)."""
-        self.numScans = None
-        if not self._parameterNode.scanFolders:
-            self.ui.dataPreviewLabel.text = ""
-            return
-        if self.previewJob is not None and self.previewJob.running:
-            self.previewJob.cancel()
-        self.ui.dataPreviewLabel.text = _("Looking for scans...")
+        folders = list(self._parameterNode.scanFolders)
+        self.previewCheck.request("pretrain", preview_args(folders) if folders else None)
+        if not folders:
+            self.numScans, self.ui.dataPreviewLabel.text = None, ""
+        elif self.previewCheck.pending:
+            self.numScans, self.ui.dataPreviewLabel.text = None, _("Looking for scans...")
 
-        def onFinished(outcome):
-            if outcome.cancelled:  # superseded by a newer preview
-                return
-            event = outcome.result or outcome.error or {"type": "error", "message": outcome.message}
-            self.ui.dataPreviewLabel.text = summarize_preview(event)
-            self.numScans = (outcome.result or {}).get("summary", {}).get("count")
-            self.updateGUI()
-
-        self.previewJob = worker.WorkerJob(worker.worker_command("pretrain", preview_args(
-            list(self._parameterNode.scanFolders))), schedule=qt.QTimer.singleShot, on_finished=onFinished)
-        self.previewJob.start()
+    def onPreviewFinished(self, outcome) -> None:
+        event = outcome.result or outcome.error or {"type": "error", "message": outcome.message}
+        self.ui.dataPreviewLabel.text = summarize_preview(event)
+        self.numScans = (outcome.result or {}).get("summary", {}).get("count")
+        self.updateGUI()
 
     # ---- fine-tuning labels ------------------------------------------------------------------------------------------
 

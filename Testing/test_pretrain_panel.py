@@ -7,15 +7,21 @@ The module file itself is read, not run: the widget's wiring that these decision
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer
+import torch
 from mrml_scene import headless_scene
 
+from mim3d import memory
 from mim3d.labels import Label, LabelTable
+from mim3d.protocol import Emitter, parse_line
+from mim3d.training.plans import PlanRefused, StepFootprint, TrainingPlan, report_plan
 from MiMPretrainLib import plots
 from MiMPretrainLib.data_sources import (
     NO_CHECKED_SEGMENTATION,
@@ -24,9 +30,23 @@ from MiMPretrainLib.data_sources import (
     data_folder,
     scene_cases,
 )
-from MiMPretrainLib.training_panel import StartView, TrainingPanel, detected_device, estimate, path_text
+from MiMPretrainLib.training_panel import (
+    LatestCheck,
+    StartView,
+    TrainingPanel,
+    detected_device,
+    estimate,
+    memory_estimate,
+    path_text,
+)
 from MiMPretrainLib.training_runs import RunSnapshot
-from MiMPretrainLib.training_settings import NO_GPU_ESTIMATE, FinetuneSettings, PretrainSettings
+from MiMPretrainLib.training_settings import (
+    NO_GPU_ESTIMATE,
+    FinetuneSettings,
+    PretrainSettings,
+    plan_args,
+    summarize_plan,
+)
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "MiMPretrain" / "MiMPretrain.py"
 SHAPE_KJI = (8, 12, 10)
@@ -364,3 +384,59 @@ def test_installed_models_are_offered_as_starts_and_a_package_is_a_valid_start(t
     start = FinetuneSettings(out=str(tmp_path / "o"), images="i", labels="l", pretrained=str(tmp_path / "home" /
                                                                                              "liver"))
     assert start._pretrained_problems() == []
+
+
+# ---- issue 18, "In the panel": the memory estimate, from the worker's plan -------------------------------------------
+
+def plan_result(budget_bytes: int, estimate: StepFootprint, checkpointing: bool, would_fit: str | None = None) -> dict:
+    """The result event `--check-plan` prints (mim3d.training.plans.report_plan) for a plan or a refusal."""
+    plan = TrainingPlan(memory.Budget(budget_bytes, "RAM available"), estimate, checkpointing)
+    out = io.StringIO()
+
+    def make_plan(budget):
+        if would_fit is None:
+            return plan
+        raise PlanRefused("not enough memory ...", plan, would_fit)
+
+    with contextlib.suppress(PlanRefused):
+        report_plan(make_plan, torch.device("cpu"), Emitter(out))
+    return parse_line(out.getvalue())
+
+
+def test_the_memory_line_says_whether_the_run_fits_how_and_what_would_fit():
+    step = StepFootprint(weights=10**8, trained=10**8, activations=5 * 10**9)  # 5.4 GB in all
+    assert summarize_plan(plan_result(12 * 10**9, step, False), None) == (
+        "Memory (cpu): about 5.4 GB of 12.0 GB (RAM available): fits")
+    assert summarize_plan(plan_result(6 * 10**9, step, True), None) == (
+        "Memory (cpu): about 5.4 GB of 6.0 GB (RAM available): fits with activation checkpointing (about a third more "
+        "time per step)")
+    hint = "--samples-per-volume 2 would fit; or, keeping every other option, --encoder frozen fits"
+    refused = plan_result(4 * 10**9, step, True, hint)
+    assert summarize_plan(refused, {"type": "error", "message": "not enough memory ..."}) == (
+        f"Memory (cpu): will not fit, needs about 5.4 GB of 4.0 GB (RAM available): {hint}")
+    assert summarize_plan(None, {"type": "error", "message": "labels.json: not a label table"}) == (
+        "Memory: no estimate (labels.json: not a label table)")
+    assert summarize_plan(None, None, "The worker exited with code 1") == (
+        "Memory: no estimate (The worker exited with code 1)")
+
+
+def test_the_memory_line_waits_for_the_plan_of_the_latest_settings(tmp_path):
+    later = []
+    check = LatestCheck(lambda ms, fn: later.append(fn), lambda outcome: None)
+    assert memory_estimate(check) == ""  # nothing to plan
+    settings = finetune_settings(tmp_path, dataset=str(tmp_path))
+    assert plan_args(settings) is None  # a form with problems is not planned (the dataset is not a file)
+    (tmp_path / "dataset.json").write_text("{}", encoding="utf-8")
+    settings = finetune_settings(tmp_path, dataset=str(tmp_path / "dataset.json"), encoder="full")
+    check.request(settings.COMMAND, plan_args(settings))
+    assert check.wanted[3:] == ["finetune", *settings.to_args(), "--check-plan"]  # after python -m mim3d
+    assert memory_estimate(check) == "Memory: estimating..." and len(later) == 1  # the debounce, not a worker yet
+    check.request(settings.COMMAND, None)
+    assert memory_estimate(check) == ""
+
+
+def test_the_module_shows_the_plan_of_the_shown_form_under_its_time_estimate():
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "self.planCheck.request(settings.COMMAND, None if problems else plan_args(settings))" in source
+    assert "memory_estimate(self.planCheck) if shown else" in source
+    assert 'self.previewCheck.request("pretrain", preview_args(folders)' in source  # one machinery for both checks

@@ -163,3 +163,31 @@ def test_default_training_in_a_6_gb_cgroup_is_planned_or_refused_never_killed(co
     plan = json.loads((out / "config.json").read_text())["plan"]
     assert plan["estimate_bytes"] <= plan["budget_bytes"] and "limit 6.0 GB" in plan["budget_source"]
     assert events[-1]["type"] == "result" and events[-1]["step"] == 1
+
+
+def test_a_plan_check_in_a_small_job_refuses_full_fine_tuning_and_names_the_frozen_encoder(example_ct_sm_path,
+                                                                                           example_seg_path, tmp_path):
+    """`mim3d finetune --check-plan` of the default small run (4 crops of 96³) in a 4.1 GB job, which leaves about
+    3.8 GB once the worker has started (measured 0.3 GB): with checkpointing full needs 4.1 GB, frozen 3.5 GB."""
+    data = write_cases(tmp_path / "cases", example_ct_sm_path, example_seg_path)
+    (tmp_path / "encoder.pt").write_bytes(b"")  # named, not read: the plan needs no weights
+    out = tmp_path / "run"
+    argv = ["finetune", "--images", str(data / "images"), "--labels", str(data / "labels"), "--label-table",
+            str(data / "labels.json"), "--label-map", LABEL_MAP, "--pretrained", str(tmp_path / "encoder.pt"),
+            "--preset", "small", "--out", str(out), "--check-plan"]
+    planned = {}
+    for mode in ("full", "frozen"):
+        code, events = in_cgroup(int(4.1 * GB), [*argv, "--encoder", mode], tmp_path)
+        planned[mode] = events[0]
+        assert code == (EXIT_BAD_INPUT if mode == "full" else EXIT_OK), events
+        assert [e["type"] for e in events] == ["result"] + (["error"] if code else [])
+        assert code == 0 or events[1]["message"] == events[0]["description"]  # the refusal, as a run would give it
+        assert not out.exists()
+    full, frozen = planned["full"], planned["frozen"]
+    assert (full["fits"], frozen["fits"]) == (False, True), planned
+    assert full["choices"] == frozen["choices"] == {"activation_checkpointing": True}
+    assert full["estimate_bytes"] > full["budget_bytes"] >= frozen["estimate_bytes"]
+    assert " would fit" in full["would_fit"] and full["would_fit"].endswith(
+        "; or, keeping every other option, --encoder frozen fits (the pre-trained encoder stays fixed)")
+    assert full["description"].startswith("not enough memory for mim-unetr small fine-tuning on 4 crop(s) of 96×96×96")
+    assert "limit 4.1 GB" in full["budget_source"] and frozen["would_fit"] is None

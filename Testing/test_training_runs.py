@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
 import importlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_finetune import LABEL_MAP, write_cases
 
 import MiMPretrainLib
 from mim3d import registry
@@ -32,7 +34,14 @@ from mim3d.__main__ import COMMANDS, main
 from mim3d.errors import BadInputError
 from mim3d.protocol import parse_line
 from mim3d.runs import RunDir, read_metrics, write_json_atomic
-from MiMPretrainLib.training_panel import StartView, TrainingPanel, TrainingState, TrainingView
+from MiMPretrainLib.training_panel import (
+    DEBOUNCE_MS,
+    LatestCheck,
+    StartView,
+    TrainingPanel,
+    TrainingState,
+    TrainingView,
+)
 from MiMPretrainLib.training_runs import (
     RunSnapshot,
     RunWatcher,
@@ -52,10 +61,12 @@ from MiMPretrainLib.training_settings import (
     FinetuneSettings,
     PretrainSettings,
     estimate_time,
+    plan_args,
     preview_args,
     summarize_preview,
 )
 from MiMSegmentationLib.worker import WorkerJob, worker_command, worker_env
+from MiMSegmentationLib.worker import launch as worker_launch
 
 
 def pretrain_lib_env() -> dict[str, str]:
@@ -483,6 +494,119 @@ def test_preview_of_a_folder_without_scans_is_the_workers_error(tmp_path, capsys
     assert main(["pretrain", "--check-data"]) == 2
     assert parse_line(capsys.readouterr().out.splitlines()[-1])["message"] == (
         "--check-data needs --data DIR (the folders of scans to check)")
+
+
+# ---- the memory plan (`mim3d finetune|pretrain --check-plan`) and the checks that follow a form --------------------
+
+def plan_check(command: str, args: list[str], capsys) -> tuple[int, dict]:
+    """`mim3d COMMAND ARGS` in this process: its exit code and its one result event."""
+    code = main([command, *args])
+    results = [e for e in map(parse_line, capsys.readouterr().out.splitlines()) if e and e["type"] == "result"]
+    assert len(results) == 1, results
+    return code, results[0]
+
+
+def test_finetune_plan_check_plans_the_panels_run_on_its_device_and_writes_nothing(tmp_path, capsys,
+                                                                                   example_ct_sm_path,
+                                                                                   example_seg_path):
+    from mim3d.run_options import FinetuneOptions, resolve
+
+    data = write_cases(tmp_path / "cases", example_ct_sm_path, example_seg_path)
+    (tmp_path / "encoder.pt").write_bytes(b"")  # named, never read: the plan needs no weights
+    planned = {}
+    for mode in ("full", "frozen"):
+        settings = FinetuneSettings(out=str(tmp_path / "run"), images=str(data / "images"),
+                                    labels=str(data / "labels"), label_table=str(data / "labels.json"),
+                                    label_map=LABEL_MAP, pretrained=str(tmp_path / "encoder.pt"), encoder=mode,
+                                    preset="small", override=NET_TINY, roi=(64, 64, 32), device="cpu",
+                                    cache=str(tmp_path / "cache"))
+        args = plan_args(settings)
+        parsed = parse("finetune", args)
+        assert parsed.check_plan and resolve(FinetuneOptions, parsed)[0].to_dict() == settings.completed().to_dict()
+        before = sorted(tmp_path.rglob("*"))
+        code, planned[mode] = plan_check("finetune", args, capsys)
+        assert sorted(tmp_path.rglob("*")) == before  # no run folder, no cache, nothing written
+        assert code == 0 and planned[mode]["fits"] and planned[mode]["device"] == "cpu"
+        assert planned[mode]["would_fit"] is None and planned[mode]["choices"] == {"activation_checkpointing": False}
+        assert 0 < planned[mode]["estimate_bytes"] <= planned[mode]["budget_bytes"]
+    assert planned["frozen"]["estimate_bytes"] < planned["full"]["estimate_bytes"]  # no encoder gradients or moments
+    assert plan_args(FinetuneSettings(out=str(tmp_path / "run"))) is None  # no data source: nothing to plan yet
+
+
+def test_pretrain_plan_check_plans_the_resumed_runs_options_and_leaves_its_folder_alone(tmp_path, capsys):
+    from mim3d.run_options import PretrainOptions
+
+    run = tmp_path / "run"
+    saved = PretrainOptions(data=(str(tmp_path),), out=str(run), preset="small", override=MIM_TINY, batch_size=2,
+                            device="cpu").completed()
+    (run / "checkpoints").mkdir(parents=True)
+    write_json_atomic(RunDir(run).config, {"command": "pretrain", "options": saved.to_dict()})
+    write_json_atomic(RunDir(run).status, {"state": "stopped"})
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # not read: the plan needs the options only
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    code, planned = plan_check("pretrain", ["--resume", str(run), "--check-plan"], capsys)
+    assert code == 0 and planned["fits"] and planned["description"].startswith("plan: one step without activation")
+    code, two = plan_check("pretrain", ["--resume", str(run), "--batch-size", "1", "--check-plan"], capsys)
+    assert two["estimate_bytes"] < planned["estimate_bytes"]  # a resumed run may change its batch: planned as changed
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert main(["pretrain", "--resume", str(run), "--check-plan", "--check-data"]) == 2
+    assert parse_line(capsys.readouterr().out.splitlines()[-1])["message"] == (
+        "--check-data and --check-plan: give one of them (the scans found, or the memory plan)")
+
+
+def test_a_form_check_runs_only_the_latest_settings_one_worker_at_a_time(tmp_path, scans):
+    """LatestCheck on real `--check-data` workers, on a virtual clock: a request superseded within the debounce never
+    starts; a newer one cancels the running worker and starts only once it has ended; only the latest answers."""
+    clock, started, finished = VirtualClock(), [], []
+
+    def launch(args, **options):
+        assert all(p.poll() is not None for p in started), "a second check started while one was running"
+        started.append(worker_launch(args, **options))
+        return started[-1]
+
+    check = LatestCheck(clock.schedule, finished.append, env=worker_env({"MIM3D_HOME": str(tmp_path / "home")}),
+                        launch=launch)
+    single = write_scans(tmp_path / "single", 1)
+    check.request("pretrain", preview_args([str(tmp_path / "absent")]))
+    check.request("pretrain", preview_args([str(scans)]))  # within the debounce: the first never starts
+    clock.advance(DEBOUNCE_MS)
+    assert len(started) == 1 and check.pending
+    check.request("pretrain", preview_args([str(single)]))  # the running worker is cancelled, its answer dropped
+    clock.run_until(lambda: finished, TIMEOUT_S)
+    assert len(started) == 2 and started[0].returncode != 0
+    assert [o.result["folders"] for o in finished] == [[str(single)]] and check.outcome is finished[0]
+    check.request("pretrain", preview_args([str(single)]))  # the same settings again: nothing to do
+    clock.advance(10 * DEBOUNCE_MS)
+    assert len(started) == 2 and not check.pending
+    check.request("pretrain", None)
+    assert check.wanted is None and not check.pending
+
+
+class VirtualClock:
+    """`schedule(ms, fn)` on a virtual clock: `advance` runs what falls due in time order; `run_until` keeps going
+    (the jobs' polls reschedule themselves) with a short real sleep between calls, so that the workers progress."""
+
+    def __init__(self):
+        self.now, self.queue, self.count = 0, [], 0
+
+    def schedule(self, ms: int, fn) -> None:
+        self.count += 1
+        heapq.heappush(self.queue, (self.now + ms, self.count, fn))
+
+    def advance(self, ms: int) -> None:
+        end = self.now + ms
+        while self.queue and self.queue[0][0] <= end:
+            self.now, _, fn = heapq.heappop(self.queue)
+            fn()
+        self.now = end
+
+    def run_until(self, condition, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.queue and time.monotonic() < deadline, "nothing left to run, or timed out"
+            self.now, _, fn = heapq.heappop(self.queue)
+            fn()
+            time.sleep(0.005)
 
 
 # ---- the watcher's reading, on hand-written run folders --------------------------------------------------------------

@@ -12,17 +12,24 @@ controls) and, for each form, `start_view(problems)` (its Start button; problems
 status never depends on a form. A snapshot re-attached after a Slicer restart puts the panel straight into the run's
 state. A Stop click shows "stopping" at once, although the run's status still says "running" until its step ends.
 
-Also here, for the forms: `path_text` (a path field's text and setting) and `estimate` (the time estimate on the
-device the run will use).
+Also here, for the forms: `path_text` (a path field's text and setting), `estimate` (the time estimate on the
+device the run will use), and `LatestCheck`, the worker checks that follow a form (the scan preview, the memory plan)
+with `memory_estimate`, the plan's line.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from MiMSegmentationLib.worker import JobOutcome, WorkerJob, launch, worker_command
 
 from .training_runs import RunSnapshot
-from .training_settings import FinetuneSettings, PretrainSettings, estimate_time
+from .training_settings import FinetuneSettings, PretrainSettings, estimate_time, summarize_plan
+
+DEBOUNCE_MS = 700  # a check starts once the form has been left alone this long (typing a number, ticking through)
 
 
 class TrainingState(enum.StrEnum):
@@ -197,3 +204,82 @@ def estimate(settings: PretrainSettings | FinetuneSettings, count: int | None, d
     if not count or device is None:
         return ""
     return estimate_time(settings, count, device)
+
+
+# ---- worker checks that follow a form ----------------------------------------------------------------------------
+
+class LatestCheck:
+    """A short worker command re-run as a form changes (`mim3d pretrain --check-data`, `... --check-plan`).
+
+    `request(command, args)` on every change (None: nothing to check). The same arguments again change nothing. New
+    ones start a worker once no newer request came for `debounce_ms`; one process at a time: a running one is
+    cancelled (its answer dropped), and the latest arguments start when it has ended. `on_finished(outcome)` gets
+    only the outcome of the latest arguments, which `outcome` then holds (None while they are pending).
+
+    Args:
+        schedule: `schedule(ms, fn)` runs `fn` later on the GUI thread (`qt.QTimer.singleShot`); the jobs poll
+            through it too.
+        env, python: the workers' environment and interpreter (None: `worker_env()`, `default_python()`).
+        launch: how a worker process starts (WorkerJob's `launch`).
+    """
+
+    def __init__(self, schedule: Callable[[int, Callable[[], None]], None],
+                 on_finished: Callable[[JobOutcome], None], *, debounce_ms: int = DEBOUNCE_MS,
+                 env: Mapping[str, str] | None = None, python: str | None = None,
+                 launch: Callable[..., Any] = launch):
+        self._schedule, self._on_finished, self.debounce_ms = schedule, on_finished, debounce_ms
+        self._env, self._python, self._launch = env, python, launch
+        self.wanted: list[str] | None = None  # the latest request's worker command line
+        self.outcome: JobOutcome | None = None
+        self._job: WorkerJob | None = None
+        self._stale = False  # the running job's arguments are no longer wanted
+        self._generation = 0  # requests so far: a debounce that sees a newer one does nothing
+        self._due = False  # the latest request's debounce has passed
+
+    @property
+    def pending(self) -> bool:
+        """Arguments are wanted and their outcome has not come yet."""
+        return self.wanted is not None and self.outcome is None
+
+    def request(self, command: str, args: Sequence[str] | None) -> None:
+        wanted = None if args is None else worker_command(command, args, self._python)
+        if wanted == self.wanted:
+            return
+        self.wanted, self.outcome, self._due = wanted, None, False
+        self._generation += 1
+        if self._job is not None:
+            self._stale = True
+            self._job.cancel()
+        if wanted is not None:
+            generation = self._generation
+            self._schedule(self.debounce_ms, lambda: self._come_due(generation))
+
+    def _come_due(self, generation: int) -> None:
+        if generation == self._generation:
+            self._due = True
+            if self._job is None:  # else it starts when the cancelled job has ended
+                self._start()
+
+    def _start(self) -> None:
+        job = WorkerJob(self.wanted, self._env, launch=self._launch, schedule=self._schedule,
+                        on_finished=self._ended)
+        job.start()  # OSError (no interpreter) reaches the caller, and the next request tries again
+        self._job, self._stale = job, False
+
+    def _ended(self, outcome: JobOutcome) -> None:
+        self._job = None
+        if not self._stale:
+            self.outcome = outcome
+            self._on_finished(outcome)
+        elif self.wanted is not None and self._due:
+            self._start()
+
+
+def memory_estimate(check: LatestCheck) -> str:
+    """The memory line of the form `check` plans for (`--check-plan`): "" with nothing to plan, a waiting note, or
+    the plan (training_settings.summarize_plan)."""
+    if check.wanted is None:
+        return ""
+    if check.outcome is None:
+        return "Memory: estimating..."
+    return summarize_plan(check.outcome.result, check.outcome.error, check.outcome.message)

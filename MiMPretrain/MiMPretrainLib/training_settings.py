@@ -6,6 +6,8 @@
 - `resume_args(run_dir)`: the options that continue a stopped or killed run.
 - `preview_args(folders)` / `summarize_preview(event)`: the scan-folder preview, computed by the worker
   (`mim3d pretrain --data DIR --check-data`) and shown as a few lines.
+- `plan_args(settings)` / `summarize_plan(result, error)`: the run's memory plan, computed by the worker on the device
+  the run would use (`mim3d COMMAND ... --check-plan`) and shown as one line.
 - `estimate_time(settings, num_volumes, device)`: a rough wall time from the step times in docs/BENCHMARKS.md.
 - `default(options, name)`: an option's default, the panel's too (one default each; PANEL_DEFAULTS: where the panel
   must differ, and why). `installed_models()`: the installed packages a fine-tuning run can start from.
@@ -203,6 +205,33 @@ def summarize_preview(event: dict, max_skipped: int = 10) -> str:
     else:
         lines.append("nothing will be skipped")
     return "\n".join(lines)
+
+
+# ---- the memory plan ------------------------------------------------------------------------------------------------
+
+def plan_args(settings: PretrainSettings | FinetuneSettings) -> list[str] | None:
+    """`mim3d COMMAND` options that plan the run's memory on the device it would use, without training
+    (`--check-plan`); None while the settings have problems (the worker would only repeat them)."""
+    return None if settings.check() else [*settings.to_args(), "--check-plan"]
+
+
+def summarize_plan(result: dict | None, error: dict | None, message: str = "") -> str:
+    """The memory line under the time estimate, from `--check-plan`'s result event and, when it exited non-zero,
+    its error event (or the job's `message` when the worker gave neither)."""
+    if result is None:
+        reason = (error or {}).get("message") or message or "the worker gave no reason"
+        return f"Memory: no estimate ({reason})"
+    need = _gigabytes(result["estimate_bytes"])
+    room = f"{_gigabytes(result['budget_bytes'])} ({result['budget_source']})"
+    if not result["fits"]:
+        return f"Memory ({result['device']}): will not fit, needs about {need} of {room}: {result['would_fit']}"
+    how = ("fits with activation checkpointing (about a third more time per step)"
+           if result["choices"]["activation_checkpointing"] else "fits")
+    return f"Memory ({result['device']}): about {need} of {room}: {how}"
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB"
 
 
 def _megabytes(count: int) -> str:

@@ -285,7 +285,8 @@ class FinetuneOptions(RunOptions):
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[RunOptions]) -> None:
-    """One option per field of `cls`, plus --resume. Every option defaults to None: "not given" (see `resolve`)."""
+    """One option per field of `cls`, plus --resume and --check-plan. Every option defaults to None: "not given" (see
+    `resolve`)."""
     groups, shared = {}, {f.name for f in dataclasses.fields(RunOptions)}
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):  # the command's own options first
         group = f.metadata["group"]
@@ -296,6 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[RunOptions]) -> Non
                                                           **f.metadata["arg"])
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from checkpoints/last.pt with its "
                         "saved options")
+    parser.add_argument("--check-plan", action="store_true", help="only plan the run's memory (the options checked "
+                        "and the model built as for the run, with --resume the resumed run's options; no image and no "
+                        "weights read): one result event with the estimate, the memory free now on the run's device, "
+                        "and whether it fits (with activation checkpointing if needed); exit 0 if it fits, else 2 with "
+                        "what would fit. Writes nothing")
 
 
 def resolve(cls: type[RunOptions], args: argparse.Namespace) -> tuple[RunOptions, RunDir | None]:

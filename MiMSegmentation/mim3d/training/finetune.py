@@ -53,7 +53,14 @@ from .distributed import Sharding, World, derive_seed, unwrap
 from .encoder_modes import EncoderMode
 from .finetune_writer import PACKAGE_DIR, FinetuneRunWriter, best_record, export_package, package_preprocessing
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
-from .plans import CRITERION_COPIES, TrainingPlan, choose_plan, step_footprint, use_activation_checkpointing
+from .plans import (
+    CRITERION_COPIES,
+    TrainingPlan,
+    choose_plan,
+    report_plan,
+    step_footprint,
+    use_activation_checkpointing,
+)
 from .validation import summarize, validate_cases
 
 log = logging.getLogger("mim3d.training")
@@ -64,7 +71,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
+    if args.check_plan:
+        check_plan(args, emitter)
+        return
     distributed.run_on_every_rank(args, emitter, prepare, train)
+
+
+def check_plan(args: argparse.Namespace, emitter: Emitter) -> None:
+    """--check-plan: the memory plan of the run these options (or --resume's) describe, on the device it would use,
+    as one result event (plans.report_plan); exit 2 when it does not fit. The options, --out and the data source are
+    checked as for the run and the model is built the same way, but no image and no weights are read (the plan
+    needs only the label table's class count), and nothing is written."""
+    opts, resume = run_options.resolve(FinetuneOptions, args)
+    if resume is None:
+        check_new_run_folder(Path(opts.out))
+    device = distributed.select_device(opts.device, distributed.world_from_env())
+    table = finetune_data.label_table(opts)
+    model, _ = _build_model(opts, table)
+    encoder = EncoderMode.of(opts.encoder, model, opts.arch, opts.epochs)  # the plan uses no step count
+    report_plan(lambda budget: plan_memory(opts, model, encoder, table.num_classes, budget), device, emitter)
 
 
 @dataclass

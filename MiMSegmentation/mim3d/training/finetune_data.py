@@ -67,6 +67,15 @@ def load_data(opts: FinetuneOptions) -> FinetuneData:
     return FinetuneData(cases, table, train, val, source, note)
 
 
+def label_table(opts: FinetuneOptions) -> LabelTable:
+    """The run's label table from the source's file listing and headers alone, no image read (what --check-plan
+    needs: the class count). Raises BadInputError as `load_data` does for a missing source or no case."""
+    cases, table, source = _cases_and_table(opts)
+    if not cases:
+        raise BadInputError(f"{source}: no labelled case found")
+    return table
+
+
 def _cases_and_table(opts: FinetuneOptions) -> tuple[list[FinetuneCase], LabelTable | None, str]:
     table = LabelTable.load(opts.label_table) if opts.label_table else None
     if opts.images:

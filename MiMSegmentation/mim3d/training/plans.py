@@ -143,7 +143,7 @@ def choose_plan(footprint: Callable[[bool], StepFootprint], budget: memory.Budge
         would_fit: bytes the step may use -> what the user could change so that it fits, in words.
 
     Raises:
-        BadInputError: no choice fits; the message gives the need, the budget and what would fit.
+        PlanRefused (a BadInputError): no choice fits; the message gives the need, the budget and what would fit.
     """
     choices = [requested] if requested is not None else [False, True] if can_checkpoint else [False]
     for checkpointing in choices:
@@ -151,6 +151,30 @@ def choose_plan(footprint: Callable[[bool], StepFootprint], budget: memory.Budge
         if needed.total <= budget.bytes:
             return TrainingPlan(budget, needed, checkpointing)
     how = " with activation checkpointing" if choices[-1] else ""
-    raise BadInputError(f"not enough memory for {what}: one step{how} needs about {needed.describe()}, and this job "
-                        f"may use {budget.describe()}. {would_fit(budget.bytes - (needed.total - needed.activations))}"
-                        "; or close other programs, or raise the job's memory limit")
+    fits = would_fit(budget.bytes - (needed.total - needed.activations))
+    raise PlanRefused(f"not enough memory for {what}: one step{how} needs about {needed.describe()}, and this job may "
+                      f"use {budget.describe()}. {fits}; or close other programs, or raise the job's memory limit",
+                      TrainingPlan(budget, needed, choices[-1]), fits)
+
+
+class PlanRefused(BadInputError):
+    """No plan fits: ``plan`` is the closest one tried (its footprint exceeds its budget), ``would_fit`` what the
+    user could change, in words."""
+
+    def __init__(self, message: str, plan: TrainingPlan, would_fit: str):
+        super().__init__(message)
+        self.plan, self.would_fit = plan, would_fit
+
+
+def report_plan(make_plan: Callable[[memory.Budget], TrainingPlan], device: torch.device, emitter) -> None:
+    """`--check-plan`: the plan ``make_plan`` chooses for the memory free on ``device`` now, as one result event
+    {"fits", "device", "description", "would_fit" (refused: what would fit, else null), TrainingPlan.to_config()'s
+    fields}. A refusal is then raised again (exit 2, with the message), so that only a plan that fits exits 0."""
+    budget = memory.budget(device)
+    try:
+        plan = make_plan(budget)
+    except PlanRefused as refused:
+        emitter.result(fits=False, device=str(device), description=str(refused), would_fit=refused.would_fit,
+                       **refused.plan.to_config())
+        raise
+    emitter.result(fits=True, device=str(device), description=plan.describe(), would_fit=None, **plan.to_config())

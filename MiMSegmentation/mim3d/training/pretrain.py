@@ -37,7 +37,7 @@ from ..runtime import keep_freed_memory
 from . import distributed, engine
 from .distributed import Sharding, World, derive_seed, unwrap
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
-from .plans import TrainingPlan, choose_plan, step_footprint, use_activation_checkpointing
+from .plans import TrainingPlan, choose_plan, report_plan, step_footprint, use_activation_checkpointing
 from .run_writer import RunWriter, StopController
 
 log = logging.getLogger("mim3d.training")
@@ -51,8 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> None:
+    if args.check_data and args.check_plan:
+        raise BadInputError("--check-data and --check-plan: give one of them (the scans found, or the memory plan)")
     if args.check_data:
         check_data(args, emitter)
+        return
+    if args.check_plan:
+        check_plan(args, emitter)
         return
     distributed.run_on_every_rank(args, emitter, prepare, train)
 
@@ -90,6 +95,19 @@ def check_data(args: argparse.Namespace, emitter: Emitter) -> None:
     discovery = discover_volumes(folders)
     print(discovery.describe(), file=sys.stderr, flush=True)
     emitter.result(folders=folders, summary=discovery.summary(), description=discovery.describe())
+
+
+def check_plan(args: argparse.Namespace, emitter: Emitter) -> None:
+    """--check-plan: the memory plan of the run these options (or --resume's) describe, on the device it would use,
+    as one result event (plans.report_plan); exit 2 when it does not fit. The options and --out are checked as for
+    the run and the model is built the same way, but the scans (see --check-data) and --init are not read, and
+    nothing is written."""
+    opts, resume = run_options.resolve(PretrainOptions, args)
+    if resume is None:
+        check_new_run_folder(Path(opts.out))
+    device = distributed.select_device(opts.device, distributed.world_from_env())
+    model = _build_model(opts)
+    report_plan(lambda budget: plan_memory(opts, model, budget), device, emitter)
 
 
 # ---- before anything is written -------------------------------------------------------------------------------------
