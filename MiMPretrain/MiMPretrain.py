@@ -38,6 +38,7 @@ from MiMPretrainLib.training_panel import (
     estimate,
     memory_estimate,
     path_text,
+    plan_request,
 )
 from MiMPretrainLib.training_settings import (
     ARCHS,
@@ -51,7 +52,6 @@ from MiMPretrainLib.training_settings import (
     PretrainSettings,
     default,
     installed_models,
-    plan_args,
     preview_args,
     start_after_install,
     summarize_preview,
@@ -295,7 +295,7 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled, button.toolTip = start.enabled, start.tooltip
             shown = self.ui.tabWidget.currentIndex == self.ui.tabWidget.indexOf(tab)
             if shown:
-                self.planCheck.request(settings.COMMAND, None if problems else plan_args(settings))
+                self.planCheck.request(settings.COMMAND, plan_request(settings, problems, self.devices))
             text = estimate(settings, count, detected_device(self.devices))
             lines = [_("Estimated training time: {estimate}").format(estimate=text) if text else "",
                      memory_estimate(self.planCheck) if shown else ""]

@@ -38,6 +38,7 @@ from MiMPretrainLib.training_panel import (
     estimate,
     memory_estimate,
     path_text,
+    plan_request,
 )
 from MiMPretrainLib.training_runs import RunSnapshot
 from MiMPretrainLib.training_settings import (
@@ -428,7 +429,11 @@ def test_the_memory_line_waits_for_the_plan_of_the_latest_settings(tmp_path):
     assert plan_args(settings) is None  # a form with problems is not planned (the dataset is not a file)
     (tmp_path / "dataset.json").write_text("{}", encoding="utf-8")
     settings = finetune_settings(tmp_path, dataset=str(tmp_path / "dataset.json"), encoder="full")
-    check.request(settings.COMMAND, plan_args(settings))
+    with_torch = {"torch": "2.13.0", "recommended": "cpu"}
+    assert plan_request(settings, [], None) is None  # `mim3d devices` has not answered yet
+    assert plan_request(settings, [], {"torch": None, "recommended": "cpu"}) is None  # the packages are not installed
+    assert plan_request(settings, ["Choose a folder for the new run."], with_torch) is None
+    check.request(settings.COMMAND, plan_request(settings, [], with_torch))
     assert check.wanted[3:] == ["finetune", *settings.to_args(), "--check-plan"]  # after python -m mim3d
     assert memory_estimate(check) == "Memory: estimating..." and len(later) == 1  # the debounce, not a worker yet
     check.request(settings.COMMAND, None)
@@ -437,6 +442,6 @@ def test_the_memory_line_waits_for_the_plan_of_the_latest_settings(tmp_path):
 
 def test_the_module_shows_the_plan_of_the_shown_form_under_its_time_estimate():
     source = MODULE_FILE.read_text(encoding="utf-8")
-    assert "self.planCheck.request(settings.COMMAND, None if problems else plan_args(settings))" in source
+    assert "self.planCheck.request(settings.COMMAND, plan_request(settings, problems, self.devices))" in source
     assert "memory_estimate(self.planCheck) if shown else" in source
     assert 'self.previewCheck.request("pretrain", preview_args(folders)' in source  # one machinery for both checks

@@ -27,7 +27,7 @@ from typing import Any
 from MiMSegmentationLib.worker import JobOutcome, WorkerJob, launch, worker_command
 
 from .training_runs import RunSnapshot
-from .training_settings import FinetuneSettings, PretrainSettings, estimate_time, summarize_plan
+from .training_settings import FinetuneSettings, PretrainSettings, estimate_time, plan_args, summarize_plan
 
 DEBOUNCE_MS = 700  # a check starts once the form has been left alone this long (typing a number, ticking through)
 
@@ -273,6 +273,16 @@ class LatestCheck:
             self._on_finished(outcome)
         elif self.wanted is not None and self._due:
             self._start()
+
+
+def plan_request(settings: PretrainSettings | FinetuneSettings, problems: list[str], devices: dict | None
+                 ) -> list[str] | None:
+    """The `--check-plan` options of a form (training_settings.plan_args), or None while it has `problems` or the
+    worker cannot plan yet: `mim3d devices` (its result: `devices`) has not answered, or found no torch (the worker's
+    packages are not installed)."""
+    if problems or (devices or {}).get("torch") is None:
+        return None
+    return plan_args(settings)
 
 
 def memory_estimate(check: LatestCheck) -> str:
