@@ -203,7 +203,7 @@ def _markdown(report: dict) -> str:
     steps = report["steps"]
     device = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
     return (f"# mim3d demo\n\n{report['what']} (`{report['model']}`, {steps['pretrain']} pre-training "
-            f"and {steps['finetune']} fine-tuning steps of {plan['crops_per_step']} crops of "
+            f"and {steps['finetune']} fine-tuning steps of {plan['crops_per_step']} crop(s) of "
             f"{'×'.join(plan['crop_voxels'])} voxels at {'×'.join(report['spacing_mm'])} mm, "
             f"lr {plan['finetune_lr']}).\n\n"
             f"Timings on {device}: pre-training {t['pretrain']} s, fine-tuning {t['finetune']} s, segmentation "
