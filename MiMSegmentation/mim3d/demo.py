@@ -93,8 +93,9 @@ def run(args: argparse.Namespace, emitter: Emitter) -> None:
         "--pretrained", str(out / "pretrain"), "--roi", *plan["roi"], "--spacing", *plan["spacing"],
         "--samples-per-volume", plan["samples"], "--epochs", str(plan["finetune"]), "--max-steps",
         str(plan["finetune"]), "--val-every", str(plan["val_every"]), "--lr", plan["finetune_lr"],
-        "--out", str(out / "finetune"), "--device", args.device, "--log-every", "1",
-        "--workers", "0"])  # one case makes every step an epoch: loader workers would be restarted every step
+        "--out", str(out / "finetune"), "--device", args.device, "--log-every", "1", "--checkpoint-every",
+        str(plan["finetune"]),  # one case makes every step an epoch: no epoch-N.pt but the last (46 MB each)
+        "--workers", "0"])  # and loader workers would be restarted every step
     segmentation = out / "segmentation.seg.nrrd"
     stage("segment", (0.9, 0.97), ["segment", str(inputs["unseen"]), "--model", str(out / "finetune" / "model"),
                                    "--output", str(segmentation), "--device", args.device])
