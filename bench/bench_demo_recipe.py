@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from mim3d.labels import LabelTable
 from mim3d.runs import read_metrics
 
 HELD_OUT = (86, 100)  # example_ct slices [86, 100): validated, never trained
-PARTS = {"lower": (0, HELD_OUT[0]), "upper": (HELD_OUT[1], None), "held-out": HELD_OUT}
+TRAINING = {"lower": (0, HELD_OUT[0]), "upper": (HELD_OUT[1], None)}  # the training cases: slices [first, stop)
+PARTS = {**TRAINING, "held-out": HELD_OUT}
 TISSUE_SHIFT_HU = 40  # the second copy of the held-out slices: +40 HU above -100 HU
 
 
@@ -102,14 +102,15 @@ def hold_out(data: Path, folder: Path) -> dict[str, Path]:
 
 def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> dict:
     crops, steps = variant.split("x")
+    epochs = str(-(-int(steps) // len(TRAINING)))  # batch 1: an epoch is one step per training case
     run = out / f"finetune-{variant}"
     label_map = json.dumps({str(k): v for k, (v, _) in ORGANS.items()})
     seconds = _worker(["finetune", "--images", str(inputs["images"]), "--labels", str(inputs["labels"]),
                        "--label-table", str(inputs["table"]), "--label-map", label_map, "--val-cases", "held-out",
                        "held-out-shifted", "--arch", "mim-unetr", *plan["model"], *plan["finetune_model"], "--roi",
                        *plan["roi"], "--spacing", *plan["spacing"], "--samples-per-volume", crops, "--lr",
-                       plan["finetune_lr"], "--epochs", str(-(-int(steps) // 2)), "--max-steps", steps,
-                       "--val-every", str(-(-int(steps) // 2)), "--checkpoint-every", steps, "--out", str(run),
+                       plan["finetune_lr"], "--epochs", epochs, "--max-steps", steps,
+                       "--val-every", epochs, "--checkpoint-every", steps, "--out", str(run),
                        "--device", "cpu", "--log-every", "1", "--workers", "0", "--seed", str(args.seed)],
                       out / f"finetune-{variant}.json")
     final = [m for m in read_metrics(run) if m.get("kind") == "validation"][-1]
@@ -119,4 +120,4 @@ def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
