@@ -170,8 +170,8 @@ def test_remapped_labels_survive_into_model_space_with_their_volumes(finetune):
 
 def test_thin_slab_crops_keep_consecutive_slices_and_pad_the_rest_as_the_sliding_windows_do(finetune):
     case, settings, cache = finetune
-    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0,
-                    tissue_intensity_prob=0.0)
+    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, affine_prob=0.0, scale_intensity_prob=0.0,
+                    shift_intensity_prob=0.0, tissue_intensity_prob=0.0)
     whole = finetune_train_dataset([case], replace(plain, slab_prob=0.0), cache, seed=0)[0]
     slabs = finetune_train_dataset([case], replace(plain, slab_prob=1.0, slab_mm=(4.0, 8.0)), cache, seed=0)[0]
     for full, slab in zip(whole, slabs, strict=True):  # the same crops; 2 mm slices: 2 to 4 of them kept
@@ -186,8 +186,8 @@ def test_thin_slab_crops_keep_consecutive_slices_and_pad_the_rest_as_the_sliding
 
 def test_tissue_intensity_changes_voxels_inside_the_window_and_leaves_air_and_padding_at_zero(finetune):
     case, settings, cache = finetune
-    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0,
-                    slab_prob=0.0)
+    plain = replace(settings, flip_prob=0.0, rot90_prob=0.0, affine_prob=0.0, scale_intensity_prob=0.0,
+                    shift_intensity_prob=0.0, slab_prob=0.0)
     before = finetune_train_dataset([case], replace(plain, tissue_intensity_prob=0.0), cache, seed=1)[0]
     after = finetune_train_dataset([case], replace(plain, tissue_intensity_prob=1.0), cache, seed=1)[0]
     for x, y in zip(before, after, strict=True):
@@ -196,12 +196,72 @@ def test_tissue_intensity_changes_voxels_inside_the_window_and_leaves_air_and_pa
         assert torch.equal(x["label"], y["label"])
 
 
+def test_crops_show_the_body_at_other_places_sizes_and_angles_with_its_labels_on_it(tmp_path):
+    # A body box of 60 x 50 voxels fits one 64 x 64 window: without the affine augmentation every crop holds the
+    # body at one place, as a body-cropped training scan does, unlike the wider box `mim3d segment` tiles on a
+    # patient with arms down. With it the body moves, grows, shrinks and turns, and its labels with it.
+    body = np.full((10, 50, 60), 0, np.int16)  # water, (K, J, I) at 6 x 6 x 3 mm
+    labels = np.zeros_like(body, dtype=np.uint8)
+    body[:, 12:24, 10:22] = labels[:, 12:24, 10:22] = 200  # an organ at 200 HU, label 1 (200 -> 1 below)
+    spacing = (6.0, 6.0, 3.0)
+    case = FinetuneCase(write_image(tmp_path / "ct.nii.gz", make_image(body, spacing)),
+                        write_image(tmp_path / "labels.nii.gz", make_image(labels, spacing)), "box",
+                        label_map={200: 1})
+    plain = FinetunePreprocessing(spacing_mm=spacing, roi=(64, 64, 32), num_samples=4, flip_prob=0.0, rot90_prob=0.0,
+                                  scale_intensity_prob=0.0, shift_intensity_prob=0.0, slab_prob=0.0,
+                                  tissue_intensity_prob=0.0)
+
+    def organs(settings: FinetunePreprocessing) -> np.ndarray:
+        dataset, found = finetune_train_dataset([case], settings, tmp_path / "cache", seed=0), []
+        for epoch in range(4):
+            dataset.set_epoch(epoch)
+            for crop in dataset[0]:
+                label, bright = crop["label"][0] == 1, crop["image"][0] > (100 + 175) / 425  # above 100 HU
+                i, j, _ = (axis.float().mean().item() for axis in torch.nonzero(label, as_tuple=True))
+                overlap = 2 * (label & bright).sum().item() / (label.sum() + bright.sum()).item()
+                found.append((i, j, label.sum().item(), overlap))
+        return np.array(found)
+
+    still, moved = organs(replace(plain, affine_prob=0.0)), organs(replace(plain, affine_prob=1.0))
+    assert np.ptp(still[:, 0]) == 0 and np.ptp(still[:, 1]) == 0  # the premise: otherwise one place in plane
+    assert np.ptp(moved[:, 0]) > 4 and np.ptp(moved[:, 1]) > 4  # voxels; up to ±16 drawn
+    assert np.ptp(moved[:, 2]) > 0.1 * moved[:, 2].mean()  # zoomed: the organ's voxel count changes
+    assert still[:, 3].min() == 1.0 and moved[:, 3].min() > 0.85  # the labels lie on the organ they label
+
+
+def test_class_ratios_centre_crops_on_a_small_organ_as_often_as_on_a_large_one(tmp_path):
+    # A large organ (label 1) fills the lower half of the volume, a small one (label 2) sits at the top: pos/neg
+    # crops centre on labelled voxels by their number, so the small organ is rarely in the crop.
+    body = np.full((40, 20, 20), 40, np.int16)  # (K, J, I), 2 mm isotropic, soft tissue
+    body[0, 0, 0] = -1000
+    labels = np.zeros_like(body, dtype=np.uint8)
+    labels[2:18] = 1
+    labels[36:38, 8:11, 8:11] = 2
+    case = FinetuneCase(write_image(tmp_path / "ct.nii.gz", make_image(body, (2.0, 2.0, 2.0))),
+                        write_image(tmp_path / "labels.nii.gz", make_image(labels, (2.0, 2.0, 2.0))), "two")
+    plain = FinetunePreprocessing(spacing_mm=(2.0, 2.0, 2.0), roi=(16, 16, 8), num_samples=6, flip_prob=0.0,
+                                  rot90_prob=0.0, affine_prob=0.0, slab_prob=0.0)
+
+    def with_small_organ(settings: FinetunePreprocessing) -> float:
+        dataset, found = finetune_train_dataset([case], settings, tmp_path / "cache", seed=0), []
+        for epoch in range(10):
+            dataset.set_epoch(epoch)
+            found += [bool((crop["label"] == 2).any()) for crop in dataset[0]]
+        return float(np.mean(found))
+
+    assert with_small_organ(plain) < 0.15  # about 1 in 60 of the crops' centres
+    assert with_small_organ(replace(plain, class_ratios=(1.0, 1.0, 1.0))) > 0.2  # a third, by design
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("slab_mm", (30.0, 10.0), r"slab_mm: \(30\.0, 10\.0\) must be \(thinnest, thickest\)"),
     ("tissue_scale", 1.5, r"tissue_scale 1\.5, tissue_offset 0\.15: need a scale in \[0, 1\)"),
     ("roi", (0, 96, 96), r"roi: \(0, 96, 96\) must be three positive"),
     ("hu_window", (250.0, -175.0), r"hu_window: \(250\.0, -175\.0\) must be \(low, high\)"),
     ("flip_prob", 1.5, r"flip_prob: 1\.5 must lie in \[0, 1\]"),
+    ("affine_prob", -0.1, r"affine_prob: -0\.1 must lie in \[0, 1\]"),
+    ("zoom", 1.0, r"zoom 1\.0, shift 0\.25: need a non-negative angle and shift and a zoom in \[0, 1\)"),
+    ("class_ratios", (0.0, 0.0), r"class_ratios: \(0\.0, 0\.0\) must be non-negative, not all 0"),
 ])
 def test_invalid_finetune_settings_are_refused_naming_the_field(finetune, field, value, message):
     case, _, _ = finetune

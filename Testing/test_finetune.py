@@ -591,3 +591,18 @@ def test_val_cases_naming_an_unknown_case_lists_the_cases():
     with pytest.raises(BadInputError, match="--val-cases: no case named case9; the cases are case0, case1"):
         split(_cases(2), _source_options(val_cases=("case9",), val_fraction=0.2, seed=0))
 
+
+
+def test_crops_classes_weights_the_background_and_every_table_value_and_pos_neg_keeps_the_recipe(tmp_path):
+    from mim3d.training.finetune import class_ratios
+    from mim3d.training.finetune_data import load_data
+
+    folder = _segmentation_folder(tmp_path)
+    (tmp_path / "table.json").write_text(json.dumps({"labels": [
+        {"value": 1, "name": "liver"}, {"value": 4, "name": "spleen"}]}))
+    given = {"segmentations": str(folder), "label_table": str(tmp_path / "table.json")}
+    data = load_data(_source_options(**given))
+    assert class_ratios(data, _source_options(**given, crops="classes")) == (1.0, 1.0, 0.0, 0.0, 1.0)
+    assert class_ratios(data, _source_options(**given)) == ()  # pos-neg, §9.5
+    with pytest.raises(BadInputError, match="--crops"):
+        _source_options(crops="random").validate()

@@ -19,6 +19,7 @@ from .errors import BadInputError
 
 PRETRAINING_METHODS = ("mim", "mae", "simmim")
 SEGMENTATION_ARCHS = ("mim-unetr", "unetr")
+CROP_CENTRES = ("pos-neg", "classes")  # mim3d finetune --crops
 PRESET_NAMES = ("small", "base")  # small: CPU-sized; base: the papers
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when available, else the CPU
 ENCODER_ARCH = {"mim": "mim-unetr", "mae": "unetr", "simmim": "unetr"}  # the segmenter of each encoder (§9.4, §14.2)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import BadInputError
-from .presets import DEVICES, ENCODER_MODES, PRESET_NAMES, PRETRAINING_METHODS, SEGMENTATION_ARCHS
+from .presets import CROP_CENTRES, DEVICES, ENCODER_MODES, PRESET_NAMES, PRETRAINING_METHODS, SEGMENTATION_ARCHS
 from .runs import ACTIVE_STATES, RunDir, read_json, read_status
 
 Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
@@ -239,6 +239,10 @@ class FinetuneOptions(RunOptions):
     intensity: tuple[float, float] = option((-175.0, 250.0), "HU window mapped to [0, 1]", type=float, nargs=2,
                                             metavar=("LOW", "HIGH"), parse=tuple)  # §9.5
     samples_per_volume: int = option(4, "random crops per case and step", check=at_least(1), type=int)  # §9.5
+    crops: str = option("pos-neg", "where crops are centred: pos-neg, half on labelled voxels and half elsewhere "
+                        "(the recipe); classes, on each label and the background equally often, so that a small "
+                        "organ is seen as often as a large one (few cases)", check=one_of(CROP_CENTRES),
+                        choices=CROP_CENTRES)
     batch_size: int = option(1, "cases per micro-batch and process", check=at_least(1), type=int)  # §9.5
     lr: float = option(1e-4, "peak learning rate", check=finite_non_negative, type=float)  # §9.5 (Swin-UNETR)
     warmup_epochs: float | None = option(None, "linear warm-up, in epochs (default a tenth of --epochs)",

@@ -26,6 +26,8 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     MapTransform,
+    RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandomizableTransform,
@@ -84,6 +86,9 @@ class FinetunePreprocessing:
     num_samples: int = 4  # crops per volume and step (§9.5 code: 4 samples/volume)
     pos: float = 1.0  # RandCropByPosNegLabel weights of foreground / background centres (§9.5 code: 1, 1)
     neg: float = 1.0
+    # Instead, crops centred on a voxel of label value v with weight class_ratios[v] (RandCropByLabelClasses; a value
+    # missing from a case is skipped there): equal weights show a small organ as often as a large one.
+    class_ratios: tuple[float, ...] = ()
     flip_prob: float = 0.1  # per axis (§9.5 "flip 0.1")
     rot90_prob: float = 0.1  # §9.5 "rotation 0.1": RandRotate90, max_k 3
     scale_intensity_prob: float = 0.5  # §9.5 "intensity shift 0.5", applied to both intensity transforms as the code
@@ -97,6 +102,13 @@ class FinetunePreprocessing:
     tissue_intensity_prob: float = 0.5
     tissue_scale: float = 0.1  # factor drawn from 1 ± this
     tissue_offset: float = 0.15  # offset drawn from ± this, in window units
+    # Another body, and the body elsewhere in the window (RandAffined): `mim3d segment` tiles the body box, which arms
+    # beside the body or the table make wider than the body, while the crops of a body-cropped training scan hold
+    # the body in one place; a model trained so learns where the organs sit in the window, not beside what.
+    affine_prob: float = 0.5
+    rotate_deg: float = 15.0  # turn about the slice normal, ± this
+    zoom: float = 0.15  # factor 1 ± this along each axis
+    shift: float = 0.25  # in-plane, ± this fraction of the crop
 
     def validate(self) -> None:
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
@@ -107,14 +119,19 @@ class FinetunePreprocessing:
         if self.num_samples < 1 or min(self.pos, self.neg) < 0 or self.pos + self.neg <= 0:
             raise BadInputError(f"num_samples {self.num_samples}, pos {self.pos}, neg {self.neg}: need at least one "
                                 "crop and non-negative weights, not both 0.")
+        if self.class_ratios and (min(self.class_ratios) < 0 or not any(self.class_ratios)):
+            raise BadInputError(f"class_ratios: {tuple(self.class_ratios)} must be non-negative, not all 0.")
         if len(self.slab_mm) != 2 or not 0 < self.slab_mm[0] <= self.slab_mm[1]:
             raise BadInputError(f"slab_mm: {tuple(self.slab_mm)} must be (thinnest, thickest) mm, 0 < thinnest <= "
                                 "thickest.")
+        if not (self.rotate_deg >= 0 and 0 <= self.zoom < 1 and self.shift >= 0):
+            raise BadInputError(f"rotate_deg {self.rotate_deg}, zoom {self.zoom}, shift {self.shift}: need a "
+                                "non-negative angle and shift and a zoom in [0, 1).")
         if not (0 <= self.tissue_scale < 1 and self.tissue_offset >= 0):
             raise BadInputError(f"tissue_scale {self.tissue_scale}, tissue_offset {self.tissue_offset}: need a scale "
                                 "in [0, 1) and a non-negative offset.")
-        for name in ("flip_prob", "rot90_prob", "scale_intensity_prob", "shift_intensity_prob", "slab_prob",
-                     "tissue_intensity_prob"):
+        for name in ("flip_prob", "rot90_prob", "affine_prob", "scale_intensity_prob", "shift_intensity_prob",
+                     "slab_prob", "tissue_intensity_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise BadInputError(f"{name}: {getattr(self, name)} must lie in [0, 1].")
 
@@ -334,10 +351,16 @@ def _random_part(s: FinetunePreprocessing) -> Compose:
     keys = ["image", "label"]
     slices = tuple(max(1, round(mm / s.spacing_mm[2])) for mm in s.slab_mm)
     return Compose([
+        RandCropByLabelClassesd(keys, label_key="label", spatial_size=s.roi, ratios=list(s.class_ratios),
+                                num_classes=len(s.class_ratios), num_samples=s.num_samples, image_key="image",
+                                image_threshold=0, warn=False) if s.class_ratios else
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=s.roi, pos=s.pos, neg=s.neg,
                                num_samples=s.num_samples, image_key="image", image_threshold=0),
         *(RandFlipd(keys, prob=s.flip_prob, spatial_axis=axis) for axis in range(3)),
         RandRotate90d(keys, prob=s.rot90_prob, max_k=3),
+        RandAffined(keys, prob=s.affine_prob, rotate_range=(0, 0, np.deg2rad(s.rotate_deg)), scale_range=(s.zoom,) * 3,
+                    translate_range=(s.shift * s.roi[0], s.shift * s.roi[1], 0), mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),  # zeros: the window's low end, background
         RandScaleIntensityd("image", factors=s.intensity_factor, prob=s.scale_intensity_prob),
         RandShiftIntensityd("image", offsets=s.intensity_offset, prob=s.shift_intensity_prob),
         RandSlabd(keys, prob=s.slab_prob, slices=slices),

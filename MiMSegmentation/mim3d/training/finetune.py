@@ -237,10 +237,19 @@ def _datasets(data: finetune_data.FinetuneData, opts: FinetuneOptions):
     from ..data.transforms import FinetunePreprocessing, finetune_train_dataset, finetune_val_dataset
 
     settings = FinetunePreprocessing(spacing_mm=opts.spacing, hu_window=opts.intensity, roi=opts.roi,
-                                     num_samples=opts.samples_per_volume)
+                                     num_samples=opts.samples_per_volume, class_ratios=class_ratios(data, opts))
     cache = Path(opts.cache)
     return (finetune_train_dataset(data.train, settings, cache, seed=opts.seed),
             finetune_val_dataset(data.val, settings, cache))
+
+
+def class_ratios(data: finetune_data.FinetuneData, opts: FinetuneOptions) -> tuple[float, ...]:
+    """`--crops classes`: weight 1 for the background and each value of the label table, 0 for unused values; the
+    recipe's pos/neg crops otherwise (an empty tuple)."""
+    if opts.crops != "classes":
+        return ()
+    values = {label.value for label in data.table.labels}
+    return tuple(float(v == 0 or v in values) for v in range(max(values) + 1))
 
 
 class ClippedAdamW(torch.optim.AdamW):
