@@ -22,13 +22,8 @@ SMOOTH_STEPS = 10  # fine-tuning loss: running mean over this many steps (one ca
 def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs: dict[int, tuple[int, str]],
                  timings: dict[str, float], plan: dict, total_seconds: float) -> dict:
     ct = read_volume(inputs["unseen"])
-    predicted = sitk.GetArrayFromImage(on_grid(sitk.ReadImage(str(segmentation)), ct))  # (K, J, I)
-    reference = _remap(sitk.GetArrayFromImage(on_grid(sitk.ReadImage(str(inputs["unseen_reference"])), ct)), organs)
-    ml = float(np.prod(ct.GetSpacing())) / 1000.0
-    per_organ = {name: {"dice": _dice(predicted == value, reference == value),
-                        "reference_ml": round(int((reference == value).sum()) * ml, 1),
-                        "predicted_ml": round(int((predicted == value).sum()) * ml, 1)}
-                 for value, name in sorted(organs.values())}
+    per_organ, predicted, reference = score_organs(sitk.ReadImage(str(segmentation)),
+                                                   sitk.ReadImage(str(inputs["unseen_reference"])), ct, organs)
     dice = {name: o["dice"] for name, o in per_organ.items()}
     scored = [d for d in dice.values() if d is not None]
     present = [o["dice"] for o in per_organ.values() if o["reference_ml"] > 0]
@@ -58,6 +53,20 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     return report
+
+
+def score_organs(segmentation: sitk.Image, reference: sitk.Image, grid: sitk.Image,
+                 organs: dict[int, tuple[int, str]]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per organ: Dice, reference and predicted volume (ml) on ``grid``, with ``reference`` in the TotalSegmentator
+    ids that ``organs`` maps to our values; and the two label arrays on the grid, (K, J, I), in our values."""
+    predicted = sitk.GetArrayFromImage(on_grid(segmentation, grid))
+    expected = _remap(sitk.GetArrayFromImage(on_grid(reference, grid)), organs)
+    ml = float(np.prod(grid.GetSpacing())) / 1000.0
+    per_organ = {name: {"dice": _dice(predicted == value, expected == value),
+                        "reference_ml": round(int((expected == value).sum()) * ml, 1),
+                        "predicted_ml": round(int((predicted == value).sum()) * ml, 1)}
+                 for value, name in sorted(organs.values())}
+    return per_organ, predicted, expected
 
 
 def on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
