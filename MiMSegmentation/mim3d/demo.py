@@ -59,8 +59,10 @@ RECIPE = ("Chosen on the training scan alone. Its slices 86-99 (39 mm through li
           "(aorta 0); a random in-plane shift (up to a quarter of the crop), zoom (15%) and turn (15 degrees) in half "
           "of the crops gave 0.37-0.61 there (four runs), the zoom and turn alone 0.15-0.18. Flips, a stronger "
           "shift and per-organ contrast augmentation made no difference beyond the spread between random starts. "
-          "Zero padding of a thin slab beat copying its edge slices. 800 steps is what fits the 10-minute budget; lr "
-          "3e-3 and the pre-training were not tuned.")
+          "Trained on the whole scan with that augmentation, crops centred on each organ and on the background "
+          "equally often fitted it far better than the recipe's crops (mean Dice 0.62 and 0.80 from two random "
+          "starts, against 0.43 with the spleen at 0). Zero padding of a thin slab beat copying its edge slices. 750 "
+          "steps is what fits the 10-minute budget; lr 3e-3 and the pre-training were not tuned.")
 MARKER = ".mim3d-demo"
 
 
