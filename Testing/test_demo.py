@@ -57,6 +57,7 @@ def test_demo_report_gives_each_organs_reference_volume_the_machine_and_how_the_
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     assert "training scan alone" in report["plan"]["recipe"] and "cannot show" in report["budget"]
     markdown = (out / "report.md").read_text()
+    assert report["plan"]["crops_centred"] == "classes" and "each organ and the background" in markdown
     assert "reference volume (ml)" in markdown and report["machine"]["cpu"] in markdown
 
 

@@ -16,6 +16,8 @@ from .io import read_volume
 from .package import read_model_json
 from .runs import read_metrics
 
+CROP_CENTRES_TEXT = {"classes": "on each organ and the background equally often",
+                     "pos-neg": "half on organs, half elsewhere"}  # mim3d finetune --crops
 SMOOTH_STEPS = 10  # fine-tuning loss: running mean over this many steps (one case: a step is an epoch)
 
 
@@ -34,7 +36,8 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
     report = {
         "what": "MiM pre-training -> mim-unetr fine-tuning on one CT -> segmentation of an unseen CT (DICOM)",
         "model": " ".join(plan["model"]), "spacing_mm": plan["spacing"],
-        "plan": {"crop_voxels": plan["roi"], "crops_per_step": int(plan["samples"]), "finetune_lr": plan["finetune_lr"],
+        "plan": {"crop_voxels": plan["roi"], "crops_per_step": int(plan["samples"]), "crops_centred": plan["crops"],
+                 "finetune_lr": plan["finetune_lr"],
                  "recipe": plan["recipe"]},
         "steps": {"pretrain": plan["pretrain"], "finetune": plan["finetune"]},
         "timings_seconds": {**timings, "total": total_seconds},
@@ -213,8 +216,8 @@ def _markdown(report: dict) -> str:
     device = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
     return (f"# mim3d demo\n\n{report['what']} (`{report['model']}`, {steps['pretrain']} pre-training "
             f"and {steps['finetune']} fine-tuning steps of {plan['crops_per_step']} crop(s) of "
-            f"{'×'.join(plan['crop_voxels'])} voxels at {'×'.join(report['spacing_mm'])} mm, "
-            f"lr {plan['finetune_lr']}).\n\n"
+            f"{'×'.join(plan['crop_voxels'])} voxels at {'×'.join(report['spacing_mm'])} mm, centred "
+            f"{CROP_CENTRES_TEXT[plan['crops_centred']]}, lr {plan['finetune_lr']}).\n\n"
             f"Timings on {device}: pre-training {t['pretrain']} s, fine-tuning {t['finetune']} s, segmentation "
             f"{t['segment']} s, total {t['total']} s.\n\n"
             "## Dice on the unseen scan\n\n| organ | Dice | reference volume (ml) | predicted volume (ml) |\n"
