@@ -10,7 +10,7 @@ scratch with the demo's CPU plan (model, spacing, crop size, learning rate, augm
 and steps, validated on the three at its end ("dice": the mean over them); then `mim3d segment` runs its model package
 on each, scored on the case's own grid ("segmented").
 
-    python bench/bench_demo_recipe.py --out runs/recipe                       # 1x800 and 4x200: ~15 min on 2 cores
+    python bench/bench_demo_recipe.py --out runs/recipe                       # 1x750 (the plan) and 4x187: ~15 min
     python bench/bench_demo_recipe.py --out runs/recipe --variant 1x400 --variant 2x200 --seed 1
     python bench/bench_demo_recipe.py --out /tmp/recipe --quick               # seconds: the same path, 2 steps
 """
@@ -45,6 +45,8 @@ CONTRAST_HU = {5: 50, 1: 60, 2: 120, 3: 120, 52: 120, 63: 80, 64: 100}
 TISSUE_HU = 10
 ARMS_MARGIN_MM = (110, 60)  # the held-out-arms grid: this much wider at each side, and behind the back
 VAL_CASES = ("held-out", "held-out-contrast", "held-out-arms")
+# the demo's plan, and four crops a step at the same number of crops
+DEFAULT_VARIANTS = (f"1x{PLANS['cpu']['finetune']}", f"4x{PLANS['cpu']['finetune'] // 4}")
 
 
 def main() -> None:
@@ -73,12 +75,13 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (new or empty; an earlier result is replaced)")
     parser.add_argument("--variant", action="append", type=_variant,
-                        help="CROPSxSTEPS: crops per step and steps (repeatable; default 1x800 and 4x200)")
+                        help="CROPSxSTEPS: crops per step and steps (repeatable; default "
+                        f"{' and '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--seed", type=int, default=0, help="mim3d finetune --seed: initial weights and crops")
     parser.add_argument("--quick", action="store_true", help="one 1x2 variant: checks the path only")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of the workers (default 2)")
     args = parser.parse_args()
-    args.variant = ["1x2"] if args.quick else args.variant or ["1x800", "4x200"]
+    args.variant = ["1x2"] if args.quick else args.variant or list(DEFAULT_VARIANTS)
     return args
 
 
@@ -108,7 +111,7 @@ def hold_out(data: Path, folder: Path) -> dict[str, Path]:
     return {"images": images, "labels": labels, "table": table}
 
 
-def contrast_phase(ct, reference):
+def contrast_phase(ct: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """The slab as a portal-venous scan would show it: CONTRAST_HU added inside each structure, TISSUE_HU to the
     other voxels above -100 HU."""
     voxels, ids = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(reference)
@@ -120,7 +123,7 @@ def contrast_phase(ct, reference):
     return image
 
 
-def arms_and_table(ct, reference):
+def arms_and_table(ct: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     """The slab with the arms down beside the body and a table behind it, on a grid ARMS_MARGIN_MM wider at each side
     and behind: the body box that `mim3d segment` tiles is then wider than the body, as on another scanner's patient.
     Each arm is an ellipse of muscle (40 HU, 80 x 100 mm) around a bone (700 HU, 24 mm), 60 mm from the body; the
