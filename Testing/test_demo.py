@@ -58,7 +58,18 @@ def test_demo_report_gives_each_organs_reference_volume_the_machine_and_how_the_
     assert "training scan alone" in report["plan"]["recipe"] and "cannot show" in report["budget"]
     markdown = (out / "report.md").read_text()
     assert report["plan"]["crops_centred"] == "classes" and "each organ and the background" in markdown
+    assert report["plan"]["keep_largest"] == ["liver", "spleen"] and "largest piece of liver and spleen" in markdown
     assert "reference volume (ml)" in markdown and report["machine"]["cpu"] in markdown
+
+
+def test_demo_model_keeps_one_piece_of_liver_and_spleen_on_the_unseen_scan(demo):
+    out, _ = demo
+    assert read_model_json(out / "finetune" / "model").inference["keep_largest"] == ["liver", "spleen"]
+    labels = sitk.ReadImage(str(out / "segmentation.seg.nrrd"))
+    for value in (1, 2):  # liver, spleen: the package's default, segment was given no option
+        pieces = sitk.ConnectedComponentImageFilter()
+        pieces.Execute(labels == value)
+        assert pieces.GetObjectCount() <= 1
 
 
 def test_demo_pretrains_on_three_peoples_ct_but_never_on_the_unseen_scan(demo):

@@ -103,10 +103,12 @@ def ct_data(tmp_path_factory, example_ct_sm_path, example_seg_path) -> Path:
 
 @pytest.fixture(scope="module")
 def dice_run(tmp_path_factory, ct_data, home) -> tuple[Path, subprocess.CompletedProcess]:
-    """30 steps on the example CT, validated on it every 10 epochs: the run the package and Dice tests read."""
+    """30 steps on the example CT, validated on it every 10 epochs, the liver cleaned by default: the run the package
+    and Dice tests read."""
     out = tmp_path_factory.mktemp("dice") / "run"
     err = out.parent / "stderr.txt"
-    done = run(mim3d("finetune", *finetune_args(ct_data, out, "--val-every", "10", net="dice", epochs=30)), home, err)
+    done = run(mim3d("finetune", *finetune_args(ct_data, out, "--val-every", "10", "--keep-largest", "liver",
+                                                net="dice", epochs=30)), home, err)
     assert done.returncode == 0, err.read_text()[-3000:]
     return out, done
 
@@ -155,7 +157,7 @@ def test_run_exports_a_loadable_package_with_labels_preprocessing_and_provenance
     assert info.architecture["arch"] == "mim-unetr" and info.architecture["num_classes"] == 3
     assert info.preprocessing == {"orientation": "RAS", "spacing_mm": [6.0, 6.0, 6.0],
                                   "intensity_window_hu": [-175.0, 250.0], "foreground_crop": True}
-    assert info.inference == {"roi_size": [64, 64, 32], "overlap": 0.5, "blend": "gaussian"}
+    assert info.inference == {"roi_size": [64, 64, 32], "overlap": 0.5, "blend": "gaussian", "keep_largest": ["liver"]}
     best = read_status(out)
     provenance = info.provenance
     assert provenance["pretrained_from"] is None
@@ -203,6 +205,9 @@ def test_mim3d_segment_with_the_exported_package_finds_the_liver_on_the_input_gr
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(example_seg_path))) == 5  # TotalSegmentator's liver id
     liver = 2 * np.sum(predicted & reference) / (np.sum(predicted) + np.sum(reference))
     assert liver > 0.6, liver  # trained on this scan for 30 steps at 6 mm; a random prediction scores about 0
+    pieces = sitk.ConnectedComponentImageFilter()
+    pieces.Execute(sitk.GetImageFromArray(predicted.astype(np.uint8)))
+    assert pieces.GetObjectCount() == 1  # the package's --keep-largest liver, with no option given to segment
 
 
 # ---- --pretrained ---------------------------------------------------------------------------------------------------
@@ -357,6 +362,14 @@ def test_label_values_outside_the_table_are_refused_naming_the_case_and_values(t
     data = synthetic_cases(tmp_path, {"one": blob(), "two": blob(value=7)})
     message = bad_input(synthetic_args(data, tmp_path / "run"), capsys)
     assert f"{data / 'labels' / 'two.nii.gz'}: case two has label values 7 that are not in the label table" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_keep_largest_naming_no_label_of_the_table_is_refused_before_the_run_starts(tmp_path, capsys,
+                                                                                     isolated_home):
+    data = synthetic_cases(tmp_path, {"one": blob()})
+    message = bad_input(synthetic_args(data, tmp_path / "run", "--keep-largest", "liver", "kidney"), capsys)
+    assert message == "--keep-largest: kidney not in the label table (1 liver, 2 spleen)"
     assert not (tmp_path / "run").exists()
 
 

@@ -31,7 +31,7 @@ from bench_finetune_modes import _step_seconds, _worker
 from bench_pretraining_benefit import _prepare_out
 
 from mim3d import example_data
-from mim3d.demo import ORGANS, PLANS
+from mim3d.demo import ORGANS, PLANS, keep_largest_args
 from mim3d.demo_report import score_organs
 from mim3d.labels import LabelTable
 from mim3d.runs import read_metrics
@@ -65,7 +65,7 @@ def main() -> None:
                                        "that with arms down beside the body and a table behind it"]},
                "plan": {"model": plan["model"] + plan["finetune_model"], "spacing": plan["spacing"],
                         "roi": plan["roi"], "crops": plan["crops"], "lr": plan["finetune_lr"],
-                        "pretrained": None},
+                        "keep_largest": plan["keep_largest"], "pretrained": None},
                "variants": runs, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(results))
@@ -162,6 +162,7 @@ def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> 
                        "--label-table", str(inputs["table"]), "--label-map", label_map, "--val-cases", *VAL_CASES,
                        "--arch", "mim-unetr", *plan["model"], *plan["finetune_model"], "--roi", *plan["roi"],
                        "--spacing", *plan["spacing"], "--samples-per-volume", crops, "--crops", plan["crops"],
+                       *keep_largest_args(plan),
                        "--lr", plan["finetune_lr"], "--epochs", epochs, "--max-steps", steps,
                        "--val-every", epochs, "--checkpoint-every", steps, "--out", str(run),
                        "--device", "cpu", "--log-every", "1", "--workers", "0", "--seed", str(args.seed)],

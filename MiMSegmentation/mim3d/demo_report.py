@@ -37,7 +37,7 @@ def write_report(out: Path, segmentation: Path, inputs: dict[str, Path], organs:
         "what": "MiM pre-training -> mim-unetr fine-tuning on one CT -> segmentation of an unseen CT (DICOM)",
         "model": " ".join(plan["model"]), "spacing_mm": plan["spacing"],
         "plan": {"crop_voxels": plan["roi"], "crops_per_step": int(plan["samples"]), "crops_centred": plan["crops"],
-                 "finetune_lr": plan["finetune_lr"],
+                 "finetune_lr": plan["finetune_lr"], "keep_largest": plan["keep_largest"],
                  "recipe": plan["recipe"]},
         "steps": {"pretrain": plan["pretrain"], "finetune": plan["finetune"]},
         "timings_seconds": {**timings, "total": total_seconds},
@@ -203,6 +203,10 @@ def _draw_training(out: Path) -> None:
     plt.close(figure)
 
 
+def _kept_text(labels: list[str]) -> str:
+    return f"; segmentation keeps only the largest piece of {' and '.join(labels)}" if labels else ""
+
+
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
@@ -217,7 +221,8 @@ def _markdown(report: dict) -> str:
     return (f"# mim3d demo\n\n{report['what']} (`{report['model']}`, {steps['pretrain']} pre-training "
             f"and {steps['finetune']} fine-tuning steps of {plan['crops_per_step']} crop(s) of "
             f"{'×'.join(plan['crop_voxels'])} voxels at {'×'.join(report['spacing_mm'])} mm, centred "
-            f"{CROP_CENTRES_TEXT[plan['crops_centred']]}, lr {plan['finetune_lr']}).\n\n"
+            f"{CROP_CENTRES_TEXT[plan['crops_centred']]}, lr {plan['finetune_lr']}"
+            f"{_kept_text(plan['keep_largest'])}).\n\n"
             f"Timings on {device}: pre-training {t['pretrain']} s, fine-tuning {t['finetune']} s, segmentation "
             f"{t['segment']} s, total {t['total']} s.\n\n"
             "## Dice on the unseen scan\n\n| organ | Dice | reference volume (ml) | predicted volume (ml) |\n"

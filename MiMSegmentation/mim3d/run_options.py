@@ -243,6 +243,10 @@ class FinetuneOptions(RunOptions):
                         "(the recipe); classes, on each label and the background equally often, so that a small "
                         "organ is seen as often as a large one (few cases)", check=one_of(CROP_CENTRES),
                         choices=CROP_CENTRES)
+    keep_largest: tuple[str, ...] | None = option(None, "labels of which `mim3d segment` keeps only the largest "
+                                                  "connected component by default (an organ that is one piece); "
+                                                  "written into the model package", nargs="+", metavar="LABEL",
+                                                  parse=tuple)
     batch_size: int = option(1, "cases per micro-batch and process", check=at_least(1), type=int)  # §9.5
     lr: float = option(1e-4, "peak learning rate", check=finite_non_negative, type=float)  # §9.5 (Swin-UNETR)
     warmup_epochs: float | None = option(None, "linear warm-up, in epochs (default a tenth of --epochs)",

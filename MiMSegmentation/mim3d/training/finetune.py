@@ -51,7 +51,14 @@ from ..runs import RunDir, now_iso, pretrained_checkpoint, read_json
 from . import distributed, engine, finetune_data
 from .distributed import Sharding, World, derive_seed, unwrap
 from .encoder_modes import EncoderMode
-from .finetune_writer import PACKAGE_DIR, FinetuneRunWriter, best_record, export_package, package_preprocessing
+from .finetune_writer import (
+    PACKAGE_DIR,
+    FinetuneRunWriter,
+    best_record,
+    export_package,
+    package_inference,
+    package_preprocessing,
+)
 from .lifecycle import check_new_run_folder, finish, run_lifecycle
 from .plans import (
     CRITERION_COPIES,
@@ -87,6 +94,7 @@ def check_plan(args: argparse.Namespace, emitter: Emitter) -> None:
         check_new_run_folder(Path(opts.out))
     device = distributed.select_device(opts.device, distributed.world_from_env())
     table = finetune_data.label_table(opts)
+    package_inference(opts, table)
     model, _ = _build_model(opts, table)
     encoder = EncoderMode.of(opts.encoder, model, opts.arch, opts.epochs)  # the plan uses no step count
     report_plan(lambda budget: plan_memory(opts, model, encoder, table.num_classes, budget), device, emitter)
@@ -124,6 +132,7 @@ def prepare(args: argparse.Namespace, world: World, emitter: Emitter) -> Setup:
     device = distributed.select_device(opts.device, world)
     data = finetune_data.load_data(opts)
     log.info("%s", data.describe())
+    package_inference(opts, data.table)  # --keep-largest names labels of the table
     model, model_config = _build_model(opts, data.table)
     sharding = Sharding(len(data.train), opts.batch_size, opts.accum, world, opts.seed)
     plan = optimisation_plan(opts, sharding)
@@ -381,7 +390,8 @@ def _config_json(s: Setup) -> dict:
             "options": s.opts.to_dict(),
             "model": {"arch": s.opts.arch, "preset": s.opts.preset, "config": config_to_dict(s.model_config),
                       "num_classes": s.data.table.num_classes, "in_channels": 1, "roi_size": list(s.opts.roi)},
-            "preprocessing": package_preprocessing(s.opts), "data": s.data.to_config(), "pretrained": s.pretrained,
+            "preprocessing": package_preprocessing(s.opts), "inference": package_inference(s.opts, s.data.table),
+            "data": s.data.to_config(), "pretrained": s.pretrained,
             "encoder": s.encoder.describe(s.model),
             "optimization": s.plan, "plan": s.memory_plan.to_config(),
             "runtime": {"device": s.device.type, "precision": s.precision, "world_size": s.world.size}}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import BadInputError
 from ..labels import LabelTable
 from ..models import build_segmenter
 from ..models.checkpoints import read_checkpoint
@@ -86,6 +87,16 @@ def package_preprocessing(opts: FinetuneOptions) -> dict:
             "foreground_crop": True}
 
 
+def package_inference(opts: FinetuneOptions, table: LabelTable) -> dict:
+    """model.json "inference": the sliding windows of validation, and the labels `mim3d segment` cleans by default
+    (--keep-largest, checked against the label table)."""
+    unknown = [name for name in opts.keep_largest or () if table.by_name(name) is None]
+    if unknown:
+        raise BadInputError(f"--keep-largest: {', '.join(unknown)} not in the label table ({table.describe()})")
+    return {"roi_size": list(opts.roi), "overlap": OVERLAP, "blend": BLEND,
+            **({"keep_largest": list(opts.keep_largest)} if opts.keep_largest else {})}
+
+
 def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.Module | None = None) -> Path:
     """Write RUN_DIR/model (atomically) from `model`, the weights that scored `best`, or without one from best.pt.
 
@@ -104,7 +115,7 @@ def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.M
         name=run.path.name, version="1.0.0", description=description, license="",
         architecture={k: arch[k] for k in ("arch", "preset", "config", "num_classes", "in_channels")},
         preprocessing=config["preprocessing"],
-        inference={"roi_size": list(arch["roi_size"]), "overlap": OVERLAP, "blend": BLEND},
+        inference=config.get("inference") or {"roi_size": list(arch["roi_size"]), "overlap": OVERLAP, "blend": BLEND},
         labels=LabelTable.from_dict({"labels": data["labels"]}, source=str(run.config)), weights_sha256="",
         provenance=_provenance(config, best, step))
     with torch.no_grad():
