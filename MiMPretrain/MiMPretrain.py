@@ -27,7 +27,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from mim3d.labels import Label, LabelTable
-from mim3d.presets import ENCODER_MODES
+from mim3d.presets import CROP_CENTRES, ENCODER_MODES
 from MiMPretrainLib import plots, training_runs
 from MiMPretrainLib.data_sources import SOURCE_FIELDS, DataSource, FinetuneData
 from MiMPretrainLib.training_panel import (
@@ -52,6 +52,7 @@ from MiMPretrainLib.training_settings import (
     PretrainSettings,
     default,
     installed_models,
+    label_names,
     preview_args,
     start_after_install,
     summarize_preview,
@@ -106,6 +107,8 @@ class MiMPretrainParameterNode:
     labelTableFile: str
     pretrainedEncoder: str
     encoderMode: Annotated[str, Choice(list(ENCODER_MODES))] = default(FinetuneOptions, "encoder")
+    cropCentres: Annotated[str, Choice(list(CROP_CENTRES))] = default(FinetuneOptions, "crops")
+    keepLargest: str
     arch: Annotated[str, Choice(list(ARCHS))] = default(FinetuneOptions, "arch")
     finetunePreset: Annotated[str, Choice(list(PRESETS))] = default(FinetuneOptions, "preset")
     finetuneEpochs: Annotated[int, WithinRange(1, 100000)] = default(FinetuneOptions, "epochs")
@@ -263,7 +266,8 @@ class MiMPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return FinetuneSettings(
             out=p.finetuneRunFolder, pretrained=p.pretrainedEncoder or None, arch=p.arch, preset=p.finetunePreset,
             epochs=p.finetuneEpochs, batch_size=p.finetuneBatchSize, lr=p.finetuneLr, device=p.finetuneDevice,
-            workers=p.finetuneWorkers, encoder=p.encoderMode, **dataOptions)
+            workers=p.finetuneWorkers, encoder=p.encoderMode, crops=p.cropCentres,
+            keep_largest=label_names(p.keepLargest), **dataOptions)
 
     # ---- rendering ------------------------------------------------------------------------------------------------
 

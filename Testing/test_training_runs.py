@@ -61,6 +61,7 @@ from MiMPretrainLib.training_settings import (
     FinetuneSettings,
     PretrainSettings,
     estimate_time,
+    label_names,
     plan_args,
     preview_args,
     summarize_preview,
@@ -319,7 +320,8 @@ def finetune_run(tmp_path_factory, lifecycle, cache, example_ct_sm_path, example
                                 label_table=str(data / "labels.json"), label_map='{"5": 1, "1": 2}',
                                 pretrained=str(encoder), preset="small", override=NET_TINY, roi=(64, 64, 32),
                                 spacing=(6.0,), samples_per_volume=1, epochs=3, val_every=1, lr=3e-3, device="cpu",
-                                workers=0, cache=str(cache), log_every=1)
+                                workers=0, cache=str(cache), log_every=1, crops="classes",
+                                keep_largest=label_names(" liver, "))
     assert settings.check() == []
     workers.append(start_run("finetune", settings.to_args(), out))
     panel = TrainingPanel()
@@ -341,6 +343,16 @@ def test_finetuning_starts_from_the_pretrained_checkpoint_and_plots_loss_and_dic
         assert snapshot.series[f"dice/{name}"] == ((1.0, 2.0, 3.0), tuple(v["dice"][name] for v in validations))
     assert snapshot.best_mean_dice == max(v["mean_dice"] for v in validations)
     assert snapshot.model_package == str(out / "model")
+
+
+def test_the_panels_crop_centres_and_labels_kept_in_one_piece_reach_the_run_and_its_model(finetune_run):
+    from mim3d.package import read_model_json
+
+    out = finetune_run["out"]
+    options = json.loads((out / "config.json").read_text(encoding="utf-8"))["options"]
+    assert (options["crops"], options["keep_largest"]) == ("classes", ["liver"])
+    assert read_model_json(out / "model").inference["keep_largest"] == ["liver"]
+    assert label_names("liver, right kidney ,") == ("liver", "right kidney") and label_names(" ") is None
 
 
 def test_finished_finetuning_run_is_installed_and_listed_by_the_registry(finetune_run, mim3d_home):

@@ -12,6 +12,7 @@
 - `default(options, name)`: an option's default, the panel's too (one default each; PANEL_DEFAULTS: where the panel
   must differ, and why). `installed_models()`: the installed packages a fine-tuning run can start from.
 - `start_after_install(install, start)`: Start, once the worker's Python packages are there.
+- `label_names(text)`: the label names typed into a text field, comma-separated (for --keep-largest).
 
 A setting left alone is left out of the command line, so it means what `mim3d --help` says.
 """
@@ -135,6 +136,12 @@ def installed_models(home: Path | None = None) -> list[tuple[str, str]]:
     """(name shown, package folder) of each readable installed model (mim3d.registry), to start fine-tuning from."""
     return [(f"{m.id} ({', '.join(label.name for label in m.info.labels)})", str(m.path))
             for m in registry.list_installed(home) if m.info is not None]
+
+
+def label_names(text: str) -> tuple[str, ...] | None:
+    """"liver, right kidney" -> ("liver", "right kidney"); None for a field left empty (names may hold spaces, so
+    commas separate them)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip()) or None
 
 
 def start_after_install(install: Callable[[], bool], start: Callable[[], Any]) -> Any:
