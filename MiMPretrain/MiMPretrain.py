@@ -548,8 +548,9 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_scene_export_and_tiny_runs()
+        for test in (self.test_fine_tuning_choices_reach_the_run_options, self.test_scene_export_and_tiny_runs):
+            self.setUp()
+            test()
 
     def sceneCase(self, name, offset):
         import numpy as np
@@ -565,6 +566,21 @@ class MiMPretrainTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray((array == 120).astype(np.uint8), segmentation, "organ",
                                                          volume)
         return volume, segmentation
+
+    def test_fine_tuning_choices_reach_the_run_options(self):
+        """The Crop centres and Keep one piece of fields, bound to the parameter node, become the run's options."""
+        widget = slicer.modules.mimpretrain.widgetRepresentation().self()
+        parameters = widget.logic.getParameterNode()
+        parameters.cropCentres, parameters.keepLargest = "classes", "organ, other organ"
+        slicer.app.processEvents()
+        self.assertEqual(widget.ui.cropCentresSelector.currentText, "classes")
+        self.assertEqual(widget.ui.keepLargestLineEdit.text, "organ, other organ")
+        settings = widget.finetuneSettings({})
+        self.assertEqual((settings.crops, settings.keep_largest), ("classes", ("organ", "other organ")))
+        args = settings.to_args()
+        self.assertEqual(args[args.index("--crops"):][:5], ["--crops", "classes", "--keep-largest", "organ",
+                                                            "other organ"])
+        parameters.cropCentres, parameters.keepLargest = "pos-neg", ""
 
     def test_scene_export_and_tiny_runs(self):
         from MiMSegmentationLib import dependencies
