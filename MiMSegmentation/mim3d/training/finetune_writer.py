@@ -93,8 +93,12 @@ def package_inference(opts: FinetuneOptions, table: LabelTable) -> dict:
     unknown = [name for name in opts.keep_largest or () if table.by_name(name) is None]
     if unknown:
         raise BadInputError(f"--keep-largest: {', '.join(unknown)} not in the label table ({table.describe()})")
-    return {"roi_size": list(opts.roi), "overlap": OVERLAP, "blend": BLEND,
-            **({"keep_largest": list(opts.keep_largest)} if opts.keep_largest else {})}
+    return {**_windows(opts.roi), **({"keep_largest": list(opts.keep_largest)} if opts.keep_largest else {})}
+
+
+def _windows(roi) -> dict:
+    """The sliding windows `mim3d segment` runs, as validation does."""
+    return {"roi_size": list(roi), "overlap": OVERLAP, "blend": BLEND}
 
 
 def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.Module | None = None) -> Path:
@@ -115,7 +119,7 @@ def export_package(run: RunDir, config: dict, best: dict, step: int, model: nn.M
         name=run.path.name, version="1.0.0", description=description, license="",
         architecture={k: arch[k] for k in ("arch", "preset", "config", "num_classes", "in_channels")},
         preprocessing=config["preprocessing"],
-        inference=config.get("inference") or {"roi_size": list(arch["roi_size"]), "overlap": OVERLAP, "blend": BLEND},
+        inference=config.get("inference") or _windows(arch["roi_size"]),  # runs from before --keep-largest
         labels=LabelTable.from_dict({"labels": data["labels"]}, source=str(run.config)), weights_sha256="",
         provenance=_provenance(config, best, step))
     with torch.no_grad():
