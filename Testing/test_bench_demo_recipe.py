@@ -18,7 +18,7 @@ from mim3d.demo import ORGANS
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from bench_demo_recipe import ARMS_MARGIN_MM, CONTRAST_HU, HELD_OUT, TISSUE_HU, VAL_CASES, hold_out  # noqa: E402
+from bench_demo_recipe import ARMS_MARGIN_MM, CONTRAST_HU, HELD_OUT, TISSUE_HU, TRAINING, VAL_CASES, hold_out  # noqa: E402
 
 
 def test_the_hold_out_trains_around_the_held_out_slices_and_validates_them_as_another_patient_would_look(tmp_path):
@@ -63,9 +63,10 @@ def test_the_hold_out_trains_around_the_held_out_slices_and_validates_them_as_an
         held_image.TransformIndexToPhysicalPoint((0, 0, 0))[1]  # LPS +y: behind the back
 
 
-def test_the_quick_form_fine_tunes_on_the_hold_out_and_scores_the_held_out_slices(tmp_path):
+def test_the_quick_form_pre_trains_fine_tunes_on_the_hold_out_and_scores_the_held_out_slices(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / "bench_demo_recipe.py"), "--out", str(tmp_path / "r"),
-                           "--quick", "--seed", "3"], capture_output=True, text=True, encoding="utf-8", timeout=600,
+                           "--quick", "--pretrain", "--seed", "3"], capture_output=True, text=True, encoding="utf-8",
+                          timeout=600,
                           env={**os.environ, "PYTHONUTF8": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
@@ -79,4 +80,10 @@ def test_the_quick_form_fine_tunes_on_the_hold_out_and_scores_the_held_out_slice
         assert set(run["segmented"][case]["dice"]) == {name for _, name in ORGANS.values()}
         assert (tmp_path / "r" / "finetune-1x2" / f"{case}.seg.nrrd").is_file()
     assert config["options"]["samples_per_volume"] == 1 and config["options"]["seed"] == 3
+    # the demo's pre-training stage, on the training cases and the other people's CTs, never the held-out slices
+    pretrained = result["plan"]["pretrained"]
+    assert pretrained["steps"] == 2 and config["options"]["pretrained"] == pretrained["run"]
+    assert pretrained["scans"] == sorted([*(f"{case}.nii.gz" for case in TRAINING), *example_data.PRETRAIN_CTS])
+    pretrain_config = json.loads((tmp_path / "r" / "pretrain" / "config.json").read_text())
+    assert pretrain_config["options"]["method"] == "mim" and pretrain_config["options"]["seed"] == 3
     assert json.loads((tmp_path / "r" / "results.json").read_text()) == result

@@ -8,10 +8,13 @@ structure); and that with the arms down beside the body and a table behind it, s
 tiles is wider than the body, as on another scanner's patient. Each --variant CROPSxSTEPS runs `mim3d finetune` from
 scratch with the demo's CPU plan (model, spacing, crop size, learning rate, augmentation) but that many crops per step
 and steps, validated on the three at its end ("dice": the mean over them); then `mim3d segment` runs its model package
-on each, scored on the case's own grid ("segmented").
+on each, scored on the case's own grid ("segmented"). With --pretrain the variants start from the demo's pre-training
+stage instead (its steps and settings), run on the two training cases and the other people's CTs the demo pre-trains
+on, so the held-out slices stay unseen as the demo's unseen scan does.
 
     python bench/bench_demo_recipe.py --out runs/recipe                       # 1x750 (the plan) and 4x187: ~15 min
     python bench/bench_demo_recipe.py --out runs/recipe --variant 1x400 --variant 2x200 --seed 1
+    python bench/bench_demo_recipe.py --out runs/recipe-pre --variant 1x750 --pretrain    # the plan, pre-trained
     python bench/bench_demo_recipe.py --out /tmp/recipe --quick               # seconds: the same path, 2 steps
 """
 
@@ -31,7 +34,7 @@ from bench_finetune_modes import _step_seconds, _worker
 from bench_pretraining_benefit import _prepare_out
 
 from mim3d import example_data
-from mim3d.demo import ORGANS, PLANS, keep_largest_args
+from mim3d.demo import ORGANS, PLANS, QUICK, keep_largest_args, link_or_copy, pretrain_command
 from mim3d.demo_report import score_organs
 from mim3d.labels import LabelTable
 from mim3d.runs import read_metrics
@@ -51,11 +54,13 @@ DEFAULT_VARIANTS = (f"1x{PLANS['cpu']['finetune']}", f"4x{PLANS['cpu']['finetune
 
 def main() -> None:
     args = _parse_args()
-    plan = PLANS["cpu"]
+    plan = {**PLANS["cpu"], **({"pretrain": QUICK["pretrain"]} if args.quick else {})}
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     out = _prepare_out(Path(args.out), ".bench-demo-recipe")
     started = time.perf_counter()
-    inputs = hold_out(example_data.ensure(), out / "inputs")
+    data = example_data.ensure()
+    inputs = hold_out(data, out / "inputs")
+    pretrained = _pretrain(data, inputs, out, plan, args) if args.pretrain else None
     runs = {variant: _run(variant, inputs, out, plan, args) for variant in args.variant}
     results = {"benchmark": "demo_recipe", "quick": args.quick, "seed": args.seed, "threads": args.threads,
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -65,7 +70,7 @@ def main() -> None:
                                        "that with arms down beside the body and a table behind it"]},
                "plan": {"model": plan["model"] + plan["finetune_model"], "spacing": plan["spacing"],
                         "roi": plan["roi"], "crops": plan["crops"], "lr": plan["finetune_lr"],
-                        "keep_largest": plan["keep_largest"], "pretrained": None},
+                        "keep_largest": plan["keep_largest"], "pretrained": pretrained},
                "variants": runs, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(results))
@@ -79,6 +84,7 @@ def _parse_args() -> argparse.Namespace:
                         f"{' and '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--seed", type=int, default=0, help="mim3d finetune --seed: initial weights and crops")
     parser.add_argument("--quick", action="store_true", help="one 1x2 variant: checks the path only")
+    parser.add_argument("--pretrain", action="store_true", help="start from the demo's pre-training stage")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of the workers (default 2)")
     args = parser.parse_args()
     args.variant = ["1x2"] if args.quick else args.variant or list(DEFAULT_VARIANTS)
@@ -153,6 +159,22 @@ def arms_and_table(ct: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, s
     return image, label
 
 
+def _pretrain(data: Path, inputs: dict[str, Path], out: Path, plan: dict, args) -> dict:
+    """The demo's pre-training stage on the training cases and the other CTs; what the variants start from."""
+    scans = out / "inputs" / "pretrain"
+    scans.mkdir()
+    for case in TRAINING:
+        link_or_copy(inputs["images"] / f"{case}.nii.gz", scans / f"{case}.nii.gz")
+    for name in example_data.PRETRAIN_CTS:
+        link_or_copy(data / name, scans / name)
+    run = out / "pretrain"
+    seconds = _worker([*pretrain_command(plan, scans, run, "cpu"), "--workers", "0", "--seed", str(args.seed)],
+                      out / "pretrain.json")
+    losses = [m["loss"] for m in read_metrics(run) if m.get("kind") == "train"]
+    return {"run": str(run), "scans": sorted(p.name for p in scans.iterdir()), "steps": len(losses),
+            "wall_seconds": seconds}
+
+
 def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> dict:
     crops, steps = variant.split("x")
     epochs = str(-(-int(steps) // len(TRAINING)))  # batch 1: an epoch is one step per training case
@@ -162,7 +184,7 @@ def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> 
                        "--label-table", str(inputs["table"]), "--label-map", label_map, "--val-cases", *VAL_CASES,
                        "--arch", "mim-unetr", *plan["model"], *plan["finetune_model"], "--roi", *plan["roi"],
                        "--spacing", *plan["spacing"], "--samples-per-volume", crops, "--crops", plan["crops"],
-                       *keep_largest_args(plan),
+                       *keep_largest_args(plan), *(["--pretrained", str(out / "pretrain")] if args.pretrain else []),
                        "--lr", plan["finetune_lr"], "--epochs", epochs, "--max-steps", steps,
                        "--val-every", epochs, "--checkpoint-every", steps, "--out", str(run),
                        "--device", "cpu", "--log-every", "1", "--workers", "0", "--seed", str(args.seed)],

@@ -79,6 +79,14 @@ def keep_largest_args(plan: dict) -> list[str]:
     return ["--keep-largest", *plan["keep_largest"]] if plan["keep_largest"] else []
 
 
+def pretrain_command(plan: dict, data: Path, out: Path, device: str) -> list[str]:
+    """The `mim3d pretrain` arguments of a plan's pre-training stage on the scans in `data`."""
+    scans = len(list(data.iterdir()))  # batch 1: an epoch is one step per scan
+    return ["pretrain", "--data", str(data), "--method", "mim", *plan["model"], "--out", str(out),
+            "--epochs", str(-(-plan["pretrain"] // scans)), "--max-steps", str(plan["pretrain"]),
+            "--lr", "1e-4", "--device", device, "--log-every", "1"]  # absolute: MAE scaling at batch 1 is ~4e-7
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="mim3d-demo", help="output folder (default ./mim3d-demo)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the path end to end")
@@ -97,11 +105,7 @@ def run(args: argparse.Namespace, emitter: Emitter) -> None:
         run_worker(command, emitter, name, share)
         timings[name] = round(time.perf_counter() - begin, 1)
 
-    scans = len(list(inputs["pretrain"].iterdir()))  # batch 1: an epoch is one step per scan
-    stage("pretrain", (0.0, 0.25), [
-        "pretrain", "--data", str(inputs["pretrain"]), "--method", "mim", *plan["model"], "--out",
-        str(out / "pretrain"), "--epochs", str(-(-plan["pretrain"] // scans)), "--max-steps", str(plan["pretrain"]),
-        "--lr", "1e-4", "--device", args.device, "--log-every", "1"])  # absolute: MAE scaling at batch 1 is ~4e-7
+    stage("pretrain", (0.0, 0.25), pretrain_command(plan, inputs["pretrain"], out / "pretrain", args.device))
     label_map = json.dumps({str(k): v for k, (v, _) in ORGANS.items()})
     stage("finetune", (0.25, 0.9), [
         "finetune", "--images", str(inputs["images"]), "--labels", str(inputs["labels"]), "--label-table",
