@@ -170,9 +170,8 @@ def _pretrain(data: Path, inputs: dict[str, Path], out: Path, plan: dict, args) 
     run = out / "pretrain"
     seconds = _worker([*pretrain_command(plan, scans, run, "cpu"), "--workers", "0", "--seed", str(args.seed)],
                       out / "pretrain.json")
-    losses = [m["loss"] for m in read_metrics(run) if m.get("kind") == "train"]
-    return {"run": str(run), "scans": sorted(p.name for p in scans.iterdir()), "steps": len(losses),
-            "wall_seconds": seconds}
+    steps = sum(1 for m in read_metrics(run) if m.get("kind") == "train")
+    return {"run": str(run), "scans": sorted(p.name for p in scans.iterdir()), "steps": steps, "wall_seconds": seconds}
 
 
 def _run(variant: str, inputs: dict[str, Path], out: Path, plan: dict, args) -> dict:
