@@ -66,8 +66,7 @@ def test_the_hold_out_trains_around_the_held_out_slices_and_validates_them_as_an
 def test_the_quick_form_pre_trains_fine_tunes_on_the_hold_out_and_scores_the_held_out_slices(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / "bench_demo_recipe.py"), "--out", str(tmp_path / "r"),
                            "--quick", "--pretrain", "--seed", "3"], capture_output=True, text=True, encoding="utf-8",
-                          timeout=600,
-                          env={**os.environ, "PYTHONUTF8": "1"})
+                          timeout=600, env={**os.environ, "PYTHONUTF8": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["benchmark"] == "demo_recipe" and result["quick"] is True and result["seed"] == 3
